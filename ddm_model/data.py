@@ -1,0 +1,272 @@
+"""Image datasets with stable sample ids and a content fingerprint.
+
+Every dataset is held as float32 images (N, C, H, W) in [-1, 1], int64 sample ids that never
+change for a given source, and optional int64 class labels. ``fingerprint`` is a sha256 over
+the shape, the ids, the pixels and the labels, so two machines can prove they hold the same
+copy before one trains on an index list the other sent.
+
+Sources: ``digits`` (scikit-learn's handwritten digits, shipped inside the package), a folder
+of images (one sub-folder per class optional) and an ``.npz`` file with an ``images`` array
+(and optional ``labels`` and ``ids``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DDMError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(DDMError, ValueError):
+    """A dataset that cannot be read as asked; the message says why and what to do."""
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor  # float32 (N, C, H, W) in [-1, 1]
+    ids: torch.Tensor  # int64 (N,), unique, stable for the source
+    labels: torch.Tensor | None = None  # int64 (N,) in [0, num_classes)
+    num_classes: int = 0
+    name: str = "dataset"
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.images.dim() != 4:
+            raise DataError(f"images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+        if self.ids.shape != (self.images.shape[0],):
+            raise DataError(f"{self.images.shape[0]} images but {self.ids.shape[0]} ids")
+        if torch.unique(self.ids).numel() != self.ids.numel():
+            raise DataError("sample ids are not unique")
+        if self.labels is not None and self.labels.shape != self.ids.shape:
+            raise DataError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[2]
+
+    def fingerprint(self) -> str:
+        """sha256 over shape, ids, pixels (float32 little-endian) and labels."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"ddm-dataset-v1\0")
+            h.update(np.asarray(self.images.shape, dtype="<i8").tobytes())
+            h.update(self.ids.numpy().astype("<i8").tobytes())
+            h.update(np.ascontiguousarray(self.images.numpy().astype("<f4")).tobytes())
+            if self.labels is not None:
+                h.update(b"labels\0")
+                h.update(self.labels.numpy().astype("<i8").tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def positions(self, ids: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+        """Row positions of the given sample ids; an unknown id is an error."""
+        wanted = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        order = torch.argsort(self.ids)
+        sorted_ids = self.ids[order]
+        where = torch.searchsorted(sorted_ids, wanted).clamp(max=len(self) - 1)
+        found = sorted_ids[where] == wanted
+        if not bool(found.all()):
+            missing = wanted[~found][:5].tolist()
+            raise DataError(f"sample ids not in dataset {self.name!r}: {missing}")
+        return order[where]
+
+    def subset(self, ids, name: str | None = None) -> ImageDataset:
+        """A new dataset holding copies of only the given samples (nothing else reachable)."""
+        rows = self.positions(ids)
+        return ImageDataset(
+            images=self.images[rows].clone(),
+            ids=self.ids[rows].clone(),
+            labels=None if self.labels is None else self.labels[rows].clone(),
+            num_classes=self.num_classes,
+            name=name or f"{self.name}[subset]",
+        )
+
+    def without_labels(self) -> ImageDataset:
+        return ImageDataset(self.images, self.ids, None, 0, self.name)
+
+
+def to_unit_range(pixels: np.ndarray, max_value: float) -> torch.Tensor:
+    """(N, C, H, W) pixels in [0, max_value] -> float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)) / max_value * 2.0 - 1.0
+
+
+def resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Square-resize (N, C, H, W) images with antialiased bilinear interpolation."""
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    if size < 1:
+        raise DataError(f"image size must be positive, got {size}")
+    out = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_digits(labels: bool = True, image_size: int | None = None) -> ImageDataset:
+    """scikit-learn's 1,797 handwritten digits, 8x8 grey levels 0..16, ten classes."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = resize(to_unit_range(bunch.images[:, None, :, :], 16.0), image_size)
+    n = images.shape[0]
+    return ImageDataset(
+        images=images,
+        ids=torch.arange(n, dtype=torch.int64),
+        labels=torch.as_tensor(bunch.target, dtype=torch.int64) if labels else None,
+        num_classes=10 if labels else 0,
+        name="digits",
+    )
+
+
+def load_image_folder(
+    path: str | Path, image_size: int | None = None, channels: int | None = None, labels: bool = True
+) -> ImageDataset:
+    """Every image under ``path``, sorted by relative path (which fixes the ids).
+
+    If the folder holds only sub-folders of images, each sub-folder is a class (sorted by
+    name). ``channels`` forces 1 (grey) or 3 (RGB); by default RGB unless every image is
+    grey. Images of different sizes need ``image_size``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+
+    loaded = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                img.load()
+                loaded.append(img.copy())
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot read image {file}: {exc}") from None
+    if channels is None:
+        channels = 1 if all(img.mode in ("L", "1", "I", "I;16", "F") for img in loaded) else 3
+    mode = "L" if channels == 1 else "RGB"
+
+    arrays = []
+    for file, img in zip(files, loaded):
+        img = img.convert(mode)
+        if image_size is not None:
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        elif img.size != loaded[0].size:
+            raise DataError(
+                f"images have different sizes ({files[0].relative_to(root)} is {loaded[0].size[0]}x{loaded[0].size[1]},"
+                f" {file.relative_to(root)} is {img.size[0]}x{img.size[1]}); pass an image size to resize them"
+            )
+        if img.size[0] != img.size[1]:
+            raise DataError(f"image {file.relative_to(root)} is not square; pass an image size to resize it")
+        array = np.asarray(img, dtype=np.uint8)
+        arrays.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+    images = to_unit_range(np.stack(arrays), 255.0)
+
+    class_labels = None
+    num_classes = 0
+    parents = [f.relative_to(root).parent for f in files]
+    if labels and all(len(p.parts) == 1 for p in parents):
+        classes = sorted({p.parts[0] for p in parents})
+        index = {c: i for i, c in enumerate(classes)}
+        class_labels = torch.tensor([index[p.parts[0]] for p in parents], dtype=torch.int64)
+        num_classes = len(classes)
+    return ImageDataset(images, torch.arange(len(files), dtype=torch.int64), class_labels, num_classes, root.name)
+
+
+def load_npz(path: str | Path, image_size: int | None = None, labels: bool = True) -> ImageDataset:
+    """Arrays from an .npz: ``images`` (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3},
+    uint8 in [0, 255] or float in [0, 1] or [-1, 1]; optional ``labels`` (N,) and ``ids`` (N,).
+    Nothing in the file is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
+    with archive:
+        if not hasattr(archive, "files"):
+            raise DataError(f"{path} is a single .npy array, not an .npz archive with an 'images' array")
+        if "images" not in archive.files:
+            raise DataError(f"{path} has no 'images' array (it holds: {', '.join(archive.files) or 'nothing'})")
+        try:
+            raw = archive["images"]
+            raw_labels = archive["labels"] if labels and "labels" in archive.files else None
+            raw_ids = archive["ids"] if "ids" in archive.files else None
+        except ValueError as exc:
+            raise DataError(f"{path} holds an array that needs pickle to read; refusing it ({exc})") from None
+
+    images = _npz_images(raw, path)
+    n = images.shape[0]
+    ids = torch.arange(n, dtype=torch.int64)
+    if raw_ids is not None:
+        if raw_ids.shape != (n,) or not np.issubdtype(raw_ids.dtype, np.integer):
+            raise DataError(f"{path}: 'ids' must be {n} integers, got {raw_ids.dtype} {raw_ids.shape}")
+        ids = torch.as_tensor(raw_ids.astype(np.int64))
+    class_labels, num_classes = None, 0
+    if raw_labels is not None:
+        if raw_labels.shape != (n,) or not np.issubdtype(raw_labels.dtype, np.integer) or (raw_labels < 0).any():
+            raise DataError(
+                f"{path}: 'labels' must be {n} non-negative integers, got {raw_labels.dtype} {raw_labels.shape}"
+            )
+        class_labels = torch.as_tensor(raw_labels.astype(np.int64))
+        num_classes = int(class_labels.max()) + 1 if n else 0
+    return ImageDataset(resize(images, image_size), ids, class_labels, num_classes, path.stem)
+
+
+def _npz_images(raw: np.ndarray, path: Path) -> torch.Tensor:
+    if raw.ndim == 3:
+        raw = raw[:, None]
+    elif raw.ndim == 4 and raw.shape[1] not in (1, 3) and raw.shape[3] in (1, 3):
+        raw = raw.transpose(0, 3, 1, 2)
+    if raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.shape[0] == 0:
+        raise DataError(
+            f"{path}: 'images' must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3 and N > 0,"
+            f" got shape {raw.shape}"
+        )
+    if raw.shape[2] != raw.shape[3]:
+        raise DataError(f"{path}: images are {raw.shape[2]}x{raw.shape[3]}; only square images are supported")
+    if raw.dtype == np.uint8:
+        return to_unit_range(raw, 255.0)
+    if not np.issubdtype(raw.dtype, np.floating):
+        raise DataError(f"{path}: 'images' must be uint8 or floating point, got {raw.dtype}")
+    if not np.isfinite(raw).all():
+        raise DataError(f"{path}: 'images' holds NaN or infinite values")
+    low, high = float(raw.min()), float(raw.max())
+    if low >= 0.0 and high <= 1.0:
+        return to_unit_range(raw, 1.0)
+    if low >= -1.0 and high <= 1.0:
+        return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+    raise DataError(f"{path}: float 'images' must lie in [0, 1] or [-1, 1], found [{low:g}, {high:g}]")
+
+
+def load_dataset(source: str, image_size: int | None = None, labels: bool = True) -> ImageDataset:
+    """``digits``, a path to an ``.npz`` file, or a path to an image folder."""
+    if source == "digits":
+        return load_digits(labels=labels, image_size=image_size)
+    path = Path(source)
+    if path.suffix.lower() == ".npz":
+        return load_npz(path, image_size=image_size, labels=labels)
+    if path.is_dir():
+        return load_image_folder(path, image_size=image_size, labels=labels)
+    raise DataError(f"unknown dataset {source!r}: use 'digits', an .npz file or an image folder")

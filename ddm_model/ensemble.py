@@ -1,0 +1,98 @@
+"""The routed ensemble: u(x_t, t) = sum_k p(k | x_t, t) v_k(x_t, t).
+
+Built from any velocity callables v_k(x, t[, y]) and any router callable r(x, t) -> logits
+(trained modules or plain functions). Routing is chosen again at every step and for every
+sample:
+
+- ``full``: the whole mixture, every expert on every sample;
+- ``topk`` (``top2``, ``top3``, ...): the k most probable experts, weights renormalised;
+- ``top1``: the single most probable expert.
+
+Dispatch is sparse: an expert runs once per call, batched over exactly the samples routed to
+it, so top-1 costs about one expert evaluation per sample plus the router.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .flow import Velocity, call_velocity, integrate
+
+Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # r(x, t) -> logits (B, K)
+
+
+def parse_routing(routing: str, num_experts: int) -> int:
+    """How many experts each sample uses: 'full' -> K, 'top1' -> 1, 'topk' -> k."""
+    if routing == "full":
+        return num_experts
+    match = re.fullmatch(r"top(\d+)", routing)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"unknown routing {routing!r}; use 'full', 'top1', 'top2', ...")
+    k = int(match.group(1))
+    if k > num_experts:
+        raise ValueError(f"routing {routing!r} asks for {k} experts but the ensemble has {num_experts}")
+    return k
+
+
+class RoutedEnsemble:
+    def __init__(self, experts: Sequence[Velocity], router: Router):
+        if not experts:
+            raise ValueError("an ensemble needs at least one expert")
+        self.experts = list(experts)
+        self.router = router
+        # Rows each expert has evaluated since the last reset: the cost of routing, measured.
+        self.expert_rows = [0] * len(self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def reset_counts(self) -> None:
+        self.expert_rows = [0] * len(self.experts)
+
+    def weights(self, x: torch.Tensor, t: torch.Tensor, routing: str = "full") -> torch.Tensor:
+        """(B, K) mixture weights: the router's posterior, kept on the top k and renormalised."""
+        k = parse_routing(routing, len(self.experts))
+        probs = torch.softmax(self.router(x, t).float(), dim=-1)
+        if probs.shape != (x.shape[0], len(self.experts)):
+            raise ValueError(
+                f"router returned shape {tuple(probs.shape)}, expected ({x.shape[0]}, {len(self.experts)})"
+            )
+        if k == len(self.experts):
+            return probs
+        top, index = probs.topk(k, dim=-1)
+        return torch.zeros_like(probs).scatter_(-1, index, top / top.sum(dim=-1, keepdim=True))
+
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, routing: str = "full"
+    ) -> torch.Tensor:
+        w = self.weights(x, t, routing)
+        out = torch.zeros_like(x)
+        for k, expert in enumerate(self.experts):
+            rows = w[:, k].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            self.expert_rows[k] += rows.numel()
+            v = call_velocity(expert, x[rows], t[rows], None if y is None else y[rows])
+            weight = w[rows, k].view(-1, *([1] * (x.dim() - 1))).to(v.dtype)
+            out.index_add_(0, rows, (weight * v).to(out.dtype))
+        return out
+
+    def as_velocity(self, routing: str) -> Velocity:
+        def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            return self.velocity(x, t, y, routing)
+
+        return velocity
+
+    def sample(
+        self,
+        noise: torch.Tensor,
+        steps: int,
+        routing: str = "top1",
+        method: str = "euler",
+        y: torch.Tensor | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        return integrate(self.as_velocity(routing), noise, steps, method, y, on_step)

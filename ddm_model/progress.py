@@ -1,0 +1,37 @@
+"""Rich progress bars shared by training, sampling and (later) transfers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    """A bar with a description, n/total, a free-form ``info`` field (loss, throughput) and times."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+@contextlib.contextmanager
+def maybe_progress(progress: Progress | bool) -> Iterator[Progress | None]:
+    """Use the caller's bar, open a new one (True), or show nothing (False)."""
+    if progress is False:
+        yield None
+    elif progress is True:
+        with progress_bar() as bar:
+            yield bar
+    else:
+        yield progress

@@ -1,0 +1,205 @@
+"""The whole DDM recipe on one machine: cluster, train K isolated experts, train the router,
+assemble the routed ensemble, sample and score it.
+
+The coordinator and the islands run the same steps over a network; this module runs them in
+one process for the demo and the benchmarks, and is the reference for what each step does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .clustering import Clustering
+from .data import ImageDataset
+from .dit import DiTConfig
+from .ensemble import RoutedEnsemble
+from .flow import Velocity, integrate
+from .router import RouterConfig, accuracy_by_time
+from .train import TrainConfig, TrainResult, train_expert, train_router
+
+
+@dataclass
+class Recipe:
+    expert_preset: str = "small"
+    router_preset: str = "tiny"
+    expert_steps: int = 1200
+    router_steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+    def train_config(self, steps: int, seed_offset: int = 0) -> TrainConfig:
+        return TrainConfig(
+            steps=steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed + seed_offset,
+            device=self.device,
+            checkpoint_every=max(steps // 4, 1),
+        )
+
+    def expert_config(self, dataset: ImageDataset) -> DiTConfig:
+        return DiTConfig(self.expert_preset, dataset.image_size, dataset.channels, num_classes=0)
+
+    def router_config(self, dataset: ImageDataset, k: int) -> RouterConfig:
+        return RouterConfig(self.router_preset, dataset.image_size, dataset.channels, k)
+
+
+@dataclass
+class TrainedEnsemble:
+    expert_paths: list[Path]
+    router_path: Path
+    expert_results: list[TrainResult]
+    router_result: TrainResult
+
+    @property
+    def training_flops(self) -> int:
+        return sum(r.flops for r in self.expert_results) + self.router_result.flops
+
+
+def train_ensemble(
+    dataset: ImageDataset,
+    clustering: Clustering,
+    recipe: Recipe,
+    out_dir: str | Path,
+    progress: Progress | bool = True,
+) -> TrainedEnsemble:
+    """Train one expert per cluster, each on a copy of its own cluster only, then the router.
+
+    Checkpoints land in ``out_dir`` (``expert-K.safetensors``, ``router.safetensors``); resume
+    state in ``out_dir/work``, so an interrupted call continues where it stopped.
+    """
+    out_dir = Path(out_dir)
+    expert_paths, results = [], []
+    for k in range(clustering.k):
+        shard = dataset.subset(clustering.members(k), name=f"{dataset.name}[cluster {k}]")
+        result = train_expert(
+            shard,
+            recipe.expert_config(dataset),
+            recipe.train_config(recipe.expert_steps, seed_offset=k),
+            checkpoint_dir=out_dir / "work" / f"expert-{k}",
+            progress=progress,
+            description=f"expert {k} ({len(shard)} imgs)",
+        )
+        path = out_dir / f"expert-{k}.safetensors"
+        save_checkpoint(
+            path,
+            result.model,
+            cluster_id=k,
+            steps=result.steps,
+            flops=result.flops,
+            data_fingerprint=shard.fingerprint(),
+            metrics={"final_loss": result.losses[-1]},
+        )
+        expert_paths.append(path)
+        results.append(result)
+
+    clusters = torch.from_numpy(clustering.labels_for(dataset.ids))
+    router_result = train_router(
+        dataset,
+        clusters,
+        recipe.router_config(dataset, clustering.k),
+        recipe.train_config(recipe.router_steps, seed_offset=clustering.k),
+        checkpoint_dir=out_dir / "work" / "router",
+        progress=progress,
+        description="router",
+    )
+    accuracy = accuracy_by_time(router_result.model, dataset.images, clusters, bins=5, seed=recipe.seed)
+    router_path = out_dir / "router.safetensors"
+    save_checkpoint(
+        router_path,
+        router_result.model,
+        steps=router_result.steps,
+        flops=router_result.flops,
+        data_fingerprint=dataset.fingerprint(),
+        metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
+    )
+    return TrainedEnsemble(expert_paths, router_path, results, router_result)
+
+
+def train_monolith(
+    dataset: ImageDataset, recipe: Recipe, steps: int, out_dir: str | Path, progress: Progress | bool = True
+) -> tuple[Path, TrainResult]:
+    """One model on all the data: the baseline the ensemble is compared with."""
+    out_dir = Path(out_dir)
+    result = train_expert(
+        dataset,
+        recipe.expert_config(dataset),
+        recipe.train_config(steps, seed_offset=1000),
+        checkpoint_dir=out_dir / "work" / "monolith",
+        progress=progress,
+        description="monolith",
+    )
+    path = out_dir / "monolith.safetensors"
+    save_checkpoint(
+        path,
+        result.model,
+        steps=result.steps,
+        flops=result.flops,
+        data_fingerprint=dataset.fingerprint(),
+        metrics={"final_loss": result.losses[-1]},
+    )
+    return path, result
+
+
+def step_flops(dataset: ImageDataset, recipe: Recipe) -> int:
+    """Training FLOPs of one expert (or monolith) step under this recipe, measured."""
+    return train_expert(dataset, recipe.expert_config(dataset), recipe.train_config(0), progress=False).flops_per_step
+
+
+def load_ensemble(expert_paths: list[Path], router_path: Path, device: str = "cpu") -> RoutedEnsemble:
+    """Rebuild a routed ensemble from verified checkpoint files, experts ordered by cluster id."""
+    experts = {}
+    for path in expert_paths:
+        model, info = load_checkpoint(path, expect_kind="expert", device=device)
+        experts[info.cluster_id] = model
+    router, info = load_checkpoint(router_path, expect_kind="router", device=device)
+    k = info.model["num_clusters"]
+    if sorted(experts) != list(range(k)):
+        raise ValueError(f"the router routes over {k} clusters but the experts cover clusters {sorted(experts)}")
+    return RoutedEnsemble([experts[i] for i in range(k)], router)
+
+
+def generate(
+    velocity: Velocity,
+    n: int,
+    shape: tuple[int, int, int],
+    steps: int = 20,
+    method: str = "euler",
+    seed: int = 0,
+    batch_size: int = 500,
+    device: str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """n samples from noise drawn under ``seed``, in batches."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        noise = torch.randn((b, *shape), generator=generator).to(device)
+        out.append(integrate(velocity, noise, steps, method).cpu())
+        if on_batch is not None:
+            on_batch(b)
+    return torch.cat(out)
+
+
+def describe_clusters(dataset: ImageDataset, clustering: Clustering) -> list[tuple[int, int, np.ndarray]]:
+    """(cluster, size, class histogram) per cluster, for datasets with labels."""
+    rows = []
+    for k in range(clustering.k):
+        members = dataset.subset(clustering.members(k))
+        hist = (
+            np.bincount(members.labels.numpy(), minlength=dataset.num_classes)
+            if members.labels is not None
+            else np.zeros(0)
+        )
+        rows.append((k, len(members), hist))
+    return rows

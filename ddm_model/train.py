@@ -1,0 +1,295 @@
+"""The training loop: one expert on one cluster, the router on all clusters, or a monolith.
+
+One loop serves all three; only the objective differs. It gives AdamW with linear warmup,
+gradient clipping, an EMA of the weights, bf16 autocast and optional torch.compile on CUDA,
+a step budget, a measured FLOP count per step, a rich progress bar with loss and throughput,
+and periodic local resume files from which a killed run continues bit-for-bit (model, EMA,
+optimizer, step and RNG state).
+
+An expert's loop sees only the ``ImageDataset`` it is given; ``train_expert`` is meant to be
+called with one cluster's subset, which holds copies of that cluster's samples and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from .data import ImageDataset
+from .dit import DiT, DiTConfig
+from .errors import DDMError
+from .flops import count_flops
+from .flow import TimeSampler, flow_matching_loss
+from .fsutil import atomic_path
+from .progress import maybe_progress
+from .router import Router, RouterConfig, router_loss
+
+RESUME_FILE = "resume.pt"
+
+
+class TrainError(DDMError, RuntimeError):
+    """A training run that cannot start or resume as asked."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True  # bf16 autocast, CUDA only
+    compile: bool = False  # torch.compile, CUDA only
+    checkpoint_every: int = 500
+    log_every: int = 10
+    time_kind: str = "logit_normal"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+
+    @property
+    def times(self) -> TimeSampler:
+        return TimeSampler(self.time_kind, self.time_mean, self.time_std)
+
+    def run_identity(self) -> dict:
+        """Settings that must not change across a resume (the step budget may grow)."""
+        skip = {"steps", "checkpoint_every", "log_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the EMA weights, in eval mode: what gets exported and sampled
+    steps: int
+    flops_per_step: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each log window
+    seconds: float = 0.0
+
+    @property
+    def flops(self) -> int:
+        return self.steps * self.flops_per_step
+
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def _ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    # Short runs must not be dominated by the initial weights: ramp the decay up.
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor | None,
+    objective: Objective,
+    cfg: TrainConfig,
+    identity: dict,
+    checkpoint_dir: str | Path | None = None,
+    progress: Progress | bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps."""
+    if images.shape[0] == 0:
+        raise TrainError("cannot train on an empty dataset")
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    model = model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    images = images.to(device)
+    targets = None if targets is None else targets.to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=cuda or None
+    )
+
+    flops_per_step = _measure_step_flops(model, images, targets, objective, cfg.batch_size)
+    identity = {**identity, "train": cfg.run_identity()}
+    step, losses = 0, []
+    resume_path = Path(checkpoint_dir) / RESUME_FILE if checkpoint_dir is not None else None
+    if resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        if state["identity"] != identity:
+            raise TrainError(
+                f"{resume_path} belongs to a different run (model, data or settings differ);"
+                " remove it or use another checkpoint directory"
+            )
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"].to("cpu"))
+        step, losses = state["step"], state["losses"]
+
+    def save_resume() -> None:
+        if resume_path is None:
+            return
+        state = {
+            "identity": identity,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": generator.get_state(),
+            "step": step,
+            "losses": losses,
+        }
+        with atomic_path(resume_path) as tmp:
+            torch.save(state, tmp)
+
+    forward = torch.compile(model) if cfg.compile and cuda else model
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    start_step, started = step, time.perf_counter()
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    with maybe_progress(progress) as bar:
+        task = bar.add_task(description, total=cfg.steps, completed=step, info="") if bar else None
+        while step < cfg.steps:
+            index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
+            x = images[index]
+            y = None if targets is None else targets[index]
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and cuda):
+                loss = objective(forward, x, y, generator)
+            if not torch.isfinite(loss):
+                save_resume()
+                raise TrainError(f"{description}: loss became {loss.item()} at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                decay = _ema_decay_at(cfg, step)
+                for e, p in zip(ema_params, params):
+                    e.lerp_(p, 1.0 - decay)
+            step += 1
+            window_loss += loss.detach()
+            window_steps += 1
+            if window_steps == cfg.log_every or step == cfg.steps:
+                mean_loss = (window_loss / window_steps).item()
+                losses.append(mean_loss)
+                now = time.perf_counter()
+                rate = window_steps * cfg.batch_size / (now - window_start)
+                if bar:
+                    bar.update(task, completed=step, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
+                window_loss.zero_()
+                window_steps, window_start = 0, now
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_resume()
+        save_resume()
+    return TrainResult(
+        model=ema,
+        steps=step,
+        flops_per_step=flops_per_step,
+        losses=losses,
+        seconds=time.perf_counter() - started if step > start_step else 0.0,
+    )
+
+
+def _measure_step_flops(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, objective: Objective, batch_size: int
+) -> int:
+    """FLOPs of one real forward + backward on a full batch, drawn from a throwaway generator
+    so that the run's own random stream is untouched."""
+    generator = torch.Generator(device=images.device).manual_seed(0)
+    index = torch.randint(0, images.shape[0], (batch_size,), generator=generator, device=images.device)
+    y = None if targets is None else targets[index]
+    flops = count_flops(lambda: objective(model, images[index], y, generator).backward())
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+# ---------------------------------------------------------------------------------------------
+# The three kinds of run
+
+
+def expert_objective(model_cfg: DiTConfig, times: TimeSampler) -> Objective:
+    def objective(model, x, y, generator):
+        if y is not None:
+            # Label dropout for classifier-free guidance: some samples see the null label.
+            drop = torch.rand(y.shape[0], generator=generator, device=y.device) < model_cfg.class_dropout
+            y = torch.where(drop, torch.full_like(y, model_cfg.num_classes), y)
+        return flow_matching_loss(model, x, times, generator, y)
+
+    return objective
+
+
+def train_expert(
+    dataset: ImageDataset,
+    model_cfg: DiTConfig,
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: Progress | bool = True,
+    description: str = "expert",
+) -> TrainResult:
+    """Train one flow-matching DiT on exactly the samples of ``dataset``.
+
+    For an expert, pass one cluster's subset; for a monolith, the whole dataset.
+    """
+    if model_cfg.image_size != dataset.image_size or model_cfg.in_channels != dataset.channels:
+        raise TrainError(
+            f"model expects {model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size} images,"
+            f" the dataset holds {dataset.channels}x{dataset.image_size}x{dataset.image_size}"
+        )
+    labels = None
+    if model_cfg.num_classes:
+        if dataset.labels is None:
+            raise TrainError("the model is class-conditional but the dataset has no labels")
+        if dataset.num_classes > model_cfg.num_classes:
+            raise TrainError(f"the dataset has {dataset.num_classes} classes, the model {model_cfg.num_classes}")
+        labels = dataset.labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # initial weights
+        model = DiT(model_cfg)
+    identity = {"kind": "expert", "model": model_cfg.to_dict(), "data": dataset.fingerprint()}
+    objective = expert_objective(model_cfg, cfg.times)
+    return fit(model, dataset.images, labels, objective, cfg, identity, checkpoint_dir, progress, description)
+
+
+def train_router(
+    dataset: ImageDataset,
+    clusters: torch.Tensor,
+    router_cfg: RouterConfig,
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: Progress | bool = True,
+    description: str = "router",
+) -> TrainResult:
+    """Train r(x_t, t) to name the cluster of each sample from its noised version."""
+    clusters = torch.as_tensor(clusters, dtype=torch.int64)
+    if clusters.shape != (len(dataset),):
+        raise TrainError(f"{len(dataset)} samples but {clusters.shape[0]} cluster labels")
+    if clusters.min() < 0 or clusters.max() >= router_cfg.num_clusters:
+        raise TrainError(f"cluster labels must lie in [0, {router_cfg.num_clusters})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Router(router_cfg)
+    labels_digest = hashlib.sha256(clusters.numpy().astype("<i8").tobytes()).hexdigest()
+    identity = {
+        "kind": "router",
+        "model": router_cfg.to_dict(),
+        "data": dataset.fingerprint(),
+        "clusters": labels_digest,
+    }
+    times = cfg.times
+
+    def objective(router, x, y, generator):
+        return router_loss(router, x, y, times, generator)
+
+    return fit(model, dataset.images, clusters, objective, cfg, identity, checkpoint_dir, progress, description)
