@@ -97,22 +97,37 @@ class Clustering:
         needed = {"sample_ids", "assignment", "sizes", "fine_centroids", "fine_to_coarse"}
         if set(tensors) != needed:
             raise ClusteringError(f"{path} holds arrays {sorted(tensors)}, expected {sorted(needed)}")
+        for name in ("sample_ids", "assignment", "sizes", "fine_to_coarse"):
+            if tensors[name].dtype != torch.int64 or tensors[name].dim() != 1:
+                raise ClusteringError(f"{path}: array {name} must be one-dimensional int64")
+        if tensors["fine_centroids"].dtype != torch.float32 or tensors["fine_centroids"].dim() != 2:
+            raise ClusteringError(f"{path}: array fine_centroids must be two-dimensional float32")
+        fields = {"k": int, "method": str, "seed": int, "features": str, "dataset_fingerprint": str}
+        for name, kind in fields.items():
+            if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+                raise ClusteringError(f"{path}: description field {name!r} is missing or not a {kind.__name__}")
         clustering = cls(
-            k=int(meta["k"]),
+            k=meta["k"],
             sample_ids=tensors["sample_ids"].numpy(),
             assignment=tensors["assignment"].numpy(),
             fine_centroids=tensors["fine_centroids"].numpy(),
             fine_to_coarse=tensors["fine_to_coarse"].numpy(),
             method=meta["method"],
-            seed=int(meta["seed"]),
+            seed=meta["seed"],
             features=meta["features"],
             dataset_fingerprint=meta["dataset_fingerprint"],
         )
-        assignment = clustering.assignment
-        if assignment.shape != clustering.sample_ids.shape or (
-            assignment.size and not 0 <= assignment.min() <= assignment.max() < clustering.k
+        k = clustering.k
+
+        def within_k(values: np.ndarray) -> bool:
+            return values.size == 0 or (0 <= values.min() and values.max() < k)
+
+        if k < 1 or clustering.assignment.shape != clustering.sample_ids.shape or not within_k(clustering.assignment):
+            raise ClusteringError(f"{path}: assignment does not match its {k} clusters")
+        if clustering.fine_to_coarse.shape[0] != clustering.fine_centroids.shape[0] or not within_k(
+            clustering.fine_to_coarse
         ):
-            raise ClusteringError(f"{path}: assignment does not match its {clustering.k} clusters")
+            raise ClusteringError(f"{path}: fine_to_coarse does not match its fine centroids and {k} clusters")
         if not np.array_equal(tensors["sizes"].numpy(), clustering.sizes):
             raise ClusteringError(f"{path}: stored cluster sizes disagree with the assignment")
         return clustering

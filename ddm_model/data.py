@@ -13,7 +13,7 @@ of images (one sub-folder per class optional) and an ``.npz`` file with an ``ima
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,6 @@ class ImageDataset:
     labels: torch.Tensor | None = None  # int64 (N,) in [0, num_classes)
     num_classes: int = 0
     name: str = "dataset"
-    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.images.dim() != 4:
@@ -60,17 +59,18 @@ class ImageDataset:
         return self.images.shape[2]
 
     def fingerprint(self) -> str:
-        """sha256 over shape, ids, pixels (float32 little-endian) and labels."""
-        if self._fingerprint is None:
-            h = hashlib.sha256(b"ddm-dataset-v1\0")
-            h.update(np.asarray(self.images.shape, dtype="<i8").tobytes())
-            h.update(self.ids.numpy().astype("<i8").tobytes())
-            h.update(np.ascontiguousarray(self.images.numpy().astype("<f4")).tobytes())
-            if self.labels is not None:
-                h.update(b"labels\0")
-                h.update(self.labels.numpy().astype("<i8").tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+        """sha256 over shape, ids, pixels (float32 little-endian) and labels.
+
+        Computed afresh on every call (a dataset is mutable); callers keep the value.
+        """
+        h = hashlib.sha256(b"ddm-dataset-v1\0")
+        h.update(np.asarray(self.images.shape, dtype="<i8").tobytes())
+        h.update(self.ids.numpy().astype("<i8").tobytes())
+        h.update(np.ascontiguousarray(self.images.numpy().astype("<f4")).tobytes())
+        if self.labels is not None:
+            h.update(b"labels\0")
+            h.update(self.labels.numpy().astype("<i8").tobytes())
+        return h.hexdigest()
 
     def positions(self, ids: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
         """Row positions of the given sample ids; an unknown id is an error."""
@@ -204,9 +204,9 @@ def load_npz(path: str | Path, image_size: int | None = None, labels: bool = Tru
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"{path} is not a readable .npz archive: {exc}") from None
+    if not hasattr(archive, "files"):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive with an 'images' array")
     with archive:
-        if not hasattr(archive, "files"):
-            raise DataError(f"{path} is a single .npy array, not an .npz archive with an 'images' array")
         if "images" not in archive.files:
             raise DataError(f"{path} has no 'images' array (it holds: {', '.join(archive.files) or 'nothing'})")
         try:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .flow import Velocity, call_velocity, integrate
+from .errors import UsageError
 
 Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # r(x, t) -> logits (B, K)
 
@@ -30,17 +31,17 @@ def parse_routing(routing: str, num_experts: int) -> int:
         return num_experts
     match = re.fullmatch(r"top(\d+)", routing)
     if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown routing {routing!r}; use 'full', 'top1', 'top2', ...")
+        raise UsageError(f"unknown routing {routing!r}; use 'full', 'top1', 'top2', ...")
     k = int(match.group(1))
     if k > num_experts:
-        raise ValueError(f"routing {routing!r} asks for {k} experts but the ensemble has {num_experts}")
+        raise UsageError(f"routing {routing!r} asks for {k} experts but the ensemble has {num_experts}")
     return k
 
 
 class RoutedEnsemble:
     def __init__(self, experts: Sequence[Velocity], router: Router):
         if not experts:
-            raise ValueError("an ensemble needs at least one expert")
+            raise UsageError("an ensemble needs at least one expert")
         self.experts = list(experts)
         self.router = router
         # Rows each expert has evaluated since the last reset: the cost of routing, measured.
@@ -55,9 +56,11 @@ class RoutedEnsemble:
     def weights(self, x: torch.Tensor, t: torch.Tensor, routing: str = "full") -> torch.Tensor:
         """(B, K) mixture weights: the router's posterior, kept on the top k and renormalised."""
         k = parse_routing(routing, len(self.experts))
-        probs = torch.softmax(self.router(x, t).float(), dim=-1)
+        logits = self.router(x, t)
+        # Half-precision logits (autocast) are softmaxed in float32; float64 stays float64.
+        probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
         if probs.shape != (x.shape[0], len(self.experts)):
-            raise ValueError(
+            raise UsageError(
                 f"router returned shape {tuple(probs.shape)}, expected ({x.shape[0]}, {len(self.experts)})"
             )
         if k == len(self.experts):

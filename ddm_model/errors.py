@@ -7,3 +7,7 @@ is a bug and keeps its traceback.
 
 class DDMError(Exception):
     """An error with a message that says what went wrong and what to do about it."""
+
+
+class UsageError(DDMError, ValueError):
+    """A bad option value: an unknown routing, sampler or time distribution, a step count < 1."""

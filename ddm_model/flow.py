@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from .errors import UsageError
 
 Velocity = Callable[..., torch.Tensor]  # v(x, t) or v(x, t, y): x (B, ...), t (B,)
 
@@ -42,9 +43,9 @@ class TimeSampler:
 
     def __post_init__(self):
         if self.kind not in ("logit_normal", "uniform"):
-            raise ValueError(f"unknown time distribution {self.kind!r}; use 'logit_normal' or 'uniform'")
+            raise UsageError(f"unknown time distribution {self.kind!r}; use 'logit_normal' or 'uniform'")
         if self.std <= 0:
-            raise ValueError(f"time distribution std must be positive, got {self.std}")
+            raise UsageError(f"time distribution std must be positive, got {self.std}")
 
     def __call__(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         device = device if device is not None else (generator.device if generator is not None else "cpu")
@@ -125,9 +126,9 @@ def integrate(
     (2 * ``steps`` evaluations: a predictor and a corrector per step).
     """
     if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; use one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {method!r}; use one of {', '.join(SAMPLERS)}")
     if steps < 1:
-        raise ValueError(f"sampling needs at least one step, got {steps}")
+        raise UsageError(f"sampling needs at least one step, got {steps}")
     x = noise
     grid = torch.linspace(0.0, 1.0, steps + 1, device=noise.device)
     batch = noise.shape[0]

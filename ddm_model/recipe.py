@@ -32,15 +32,16 @@ class Recipe:
     expert_steps: int = 1200
     router_steps: int = 600
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
+    router_lr: float = 1e-3  # the router loses its low-t signal at higher rates
     seed: int = 0
     device: str = "cpu"
 
-    def train_config(self, steps: int, seed_offset: int = 0) -> TrainConfig:
+    def train_config(self, steps: int, seed_offset: int = 0, lr: float | None = None) -> TrainConfig:
         return TrainConfig(
             steps=steps,
             batch_size=self.batch_size,
-            lr=self.lr,
+            lr=self.lr if lr is None else lr,
             seed=self.seed + seed_offset,
             device=self.device,
             checkpoint_every=max(steps // 4, 1),
@@ -107,7 +108,7 @@ def train_ensemble(
         dataset,
         clusters,
         recipe.router_config(dataset, clustering.k),
-        recipe.train_config(recipe.router_steps, seed_offset=clustering.k),
+        recipe.train_config(recipe.router_steps, seed_offset=clustering.k, lr=recipe.router_lr),
         checkpoint_dir=out_dir / "work" / "router",
         progress=progress,
         description="router",

@@ -1,0 +1,1 @@
+"""The island runtime: enroll, lease, train locally, heartbeat, upload; download and sample."""

@@ -1,0 +1,1 @@
+"""The coordinator: registry, leases, upload validation, signing, router training, ensembles."""

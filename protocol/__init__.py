@@ -1,0 +1,1 @@
+"""ddm's wire vocabulary: the gRPC protocol (package ddm.v1) shared by coordinator and client."""
