@@ -15,7 +15,7 @@ def progress_bar() -> Progress:
     """A bar with a description, n/total, a free-form ``info`` field (loss, throughput) and times."""
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),

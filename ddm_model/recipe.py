@@ -28,9 +28,9 @@ from .train import TrainConfig, TrainResult, train_expert, train_router
 @dataclass
 class Recipe:
     expert_preset: str = "small"
-    router_preset: str = "tiny"
+    router_preset: str = "small"
     expert_steps: int = 1200
-    router_steps: int = 600
+    router_steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     router_lr: float = 1e-3  # the router loses its low-t signal at higher rates
