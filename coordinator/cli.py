@@ -30,7 +30,7 @@ def demo(
     preset: str = typer.Option("small", help="Expert model preset."),
     steps: int = typer.Option(1200, min=1, help="Training steps per expert."),
     router_preset: str = typer.Option("small", help="Router model preset."),
-    router_steps: int = typer.Option(1000, min=1, help="Router training steps."),
+    router_steps: int = typer.Option(2000, min=1, help="Router training steps."),
     routing: str = typer.Option("top2", help="Routing at sampling time: full, top1, top2, ..."),
     samples: int = typer.Option(1000, min=2, help="Samples drawn for the Fréchet distance (the grid shows 100)."),
     sampling_steps: int = typer.Option(20, min=1, help="ODE steps per sample."),

@@ -35,7 +35,7 @@ class DemoSettings:
     preset: str = "small"
     steps: int = 1200
     router_preset: str = "small"
-    router_steps: int = 1000
+    router_steps: int = 2000
     routing: str = "top2"
     samples: int = 1000
     sampling_steps: int = 20

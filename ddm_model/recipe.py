@@ -30,7 +30,7 @@ class Recipe:
     expert_preset: str = "small"
     router_preset: str = "small"
     expert_steps: int = 1200
-    router_steps: int = 1000
+    router_steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     router_lr: float = 1e-3  # the router loses its low-t signal at higher rates

@@ -7,6 +7,7 @@ cluster noised by the experts' own path and time distribution (``flow.noised``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -65,7 +66,7 @@ def router_loss(
 
 @torch.no_grad()
 def accuracy_by_time(
-    router: nn.Module,
+    router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     clusters: torch.Tensor,
     bins: int = 10,
@@ -78,8 +79,9 @@ def accuracy_by_time(
     cluster's share (chance); near t = 1 it sees the clean image and should be high.
     """
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    was_training = router.training
-    router.eval()
+    was_training = isinstance(router, nn.Module) and router.training
+    if was_training:
+        router.eval()
     rows = []
     for b in range(bins):
         centre = (b + 0.5) / bins
@@ -90,5 +92,6 @@ def accuracy_by_time(
             xt = interpolate(noise_like(x1, generator), x1, t)
             correct += (router(xt, t).argmax(dim=1) == clusters[start : start + batch_size]).sum().item()
         rows.append((centre, correct / images.shape[0]))
-    router.train(was_training)
+    if was_training:
+        router.train()
     return rows
