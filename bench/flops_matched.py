@@ -45,7 +45,8 @@ def machine() -> str:
     except ImportError:
         memory = ""
     cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} torch threads{memory}, torch {torch.__version__}, Python {platform.python_version()}"
+    versions = f"torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu}, {torch.get_num_threads()} torch threads{memory}, {versions}"
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -110,8 +111,10 @@ def main() -> None:
 
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     noises = {
-        s: [torch.randn((n, *shape), generator=torch.Generator().manual_seed(1000 + s)) for n in
-            [min(500, args.samples - i) for i in range(0, args.samples, 500)]]
+        s: [
+            torch.randn((n, *shape), generator=torch.Generator().manual_seed(1000 + s))
+            for n in [min(500, args.samples - i) for i in range(0, args.samples, 500)]
+        ]
         for s in range(args.sampling_seeds)
     }
     clusters = torch.from_numpy(clustering.labels_for(dataset.ids))
@@ -156,8 +159,14 @@ def main() -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     lines = []
     for name, r in rows.items():
-        cells = [name, f"{r['fd']:.1f} ± {r['fd_std']:.1f}", f"{r['coverage']}/10", f"{r['min_class']:.1%}",
-                 f"{r['evals']:.2f}", f"{r['seconds'] / base:.2f}x"]
+        cells = [
+            name,
+            f"{r['fd']:.1f} ± {r['fd_std']:.1f}",
+            f"{r['coverage']}/10",
+            f"{r['min_class']:.1%}",
+            f"{r['evals']:.2f}",
+            f"{r['seconds'] / base:.2f}x",
+        ]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)

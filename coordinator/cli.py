@@ -47,8 +47,22 @@ def demo(
     from .demo import DemoSettings, run_demo
 
     try:
-        run_demo(DemoSettings(out, experts, preset, steps, router_preset, router_steps, routing, samples,
-                              sampling_steps, sampler, seed, device))
+        run_demo(
+            DemoSettings(
+                out,
+                experts,
+                preset,
+                steps,
+                router_preset,
+                router_steps,
+                routing,
+                samples,
+                sampling_steps,
+                sampler,
+                seed,
+                device,
+            )
+        )
     except DDMError as exc:
         fail(str(exc))
 

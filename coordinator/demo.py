@@ -94,7 +94,7 @@ def run_demo(s: DemoSettings) -> dict:
         trained = train_ensemble(dataset, clustering, recipe, s.out, progress=bar)
 
     router_info, _ = read_checkpoint_header(trained.router_path)
-    acc = Table(title="router accuracy by t (t=0 noise, t=1 data)", title_justify="left")
+    acc = Table(title="router accuracy by t", title_justify="left")
     for t, _ in router_info.metrics["accuracy_by_t"]:
         acc.add_column(f"t={t:.1f}", justify="right")
     acc.add_row(*[f"{a:.0%}" for _, a in router_info.metrics["accuracy_by_t"]])
@@ -105,8 +105,16 @@ def run_demo(s: DemoSettings) -> dict:
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     with progress_bar() as bar:
         task = bar.add_task(f"sampling ({s.routing})", total=s.samples, info="")
-        images = generate(ensemble.as_velocity(s.routing), s.samples, shape, s.sampling_steps, s.sampler,
-                          seed=s.seed, device=s.device, on_batch=lambda n: bar.advance(task, n))
+        images = generate(
+            ensemble.as_velocity(s.routing),
+            s.samples,
+            shape,
+            s.sampling_steps,
+            s.sampler,
+            seed=s.seed,
+            device=s.device,
+            on_batch=lambda n: bar.advance(task, n),
+        )
     grid = save_grid(images[:100], s.out / "samples.png", columns=10)
     fd = evaluator.frechet(images)
     floor = evaluator.real_vs_real(seed=s.seed)

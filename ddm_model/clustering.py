@@ -55,7 +55,7 @@ class Clustering:
 
     def labels_for(self, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """Cluster of each given sample id."""
-        lookup = dict(zip(self.sample_ids.tolist(), self.assignment.tolist()))
+        lookup = dict(zip(self.sample_ids.tolist(), self.assignment.tolist(), strict=True))
         try:
             return np.array([lookup[i] for i in np.asarray(ids).tolist()], dtype=np.int64)
         except KeyError as exc:
@@ -120,7 +120,7 @@ class Clustering:
         k = clustering.k
 
         def within_k(values: np.ndarray) -> bool:
-            return values.size == 0 or (0 <= values.min() and values.max() < k)
+            return values.size == 0 or (values.min() >= 0 and values.max() < k)
 
         if k < 1 or clustering.assignment.shape != clustering.sample_ids.shape or not within_k(clustering.assignment):
             raise ClusteringError(f"{path}: assignment does not match its {k} clusters")

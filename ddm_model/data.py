@@ -167,7 +167,7 @@ def load_image_folder(
     mode = "L" if channels == 1 else "RGB"
 
     arrays = []
-    for file, img in zip(files, loaded):
+    for file, img in zip(files, loaded, strict=True):
         img = img.convert(mode)
         if image_size is not None:
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)

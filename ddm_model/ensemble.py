@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .flow import Velocity, call_velocity, integrate
 from .errors import UsageError
+from .flow import Velocity, call_velocity, integrate
 
 Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # r(x, t) -> logits (B, K)
 

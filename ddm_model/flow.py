@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
 from .errors import UsageError
 
 Velocity = Callable[..., torch.Tensor]  # v(x, t) or v(x, t, y): x (B, ...), t (B,)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .clustering import Clustering
 from .data import ImageDataset
 from .dit import DiTConfig
@@ -91,15 +91,7 @@ def train_ensemble(
             description=f"expert {k} ({len(shard)} imgs)",
         )
         path = out_dir / f"expert-{k}.safetensors"
-        save_checkpoint(
-            path,
-            result.model,
-            cluster_id=k,
-            steps=result.steps,
-            flops=result.flops,
-            data_fingerprint=shard.fingerprint(),
-            metrics={"final_loss": result.losses[-1]},
-        )
+        result.export(path, shard.fingerprint(), cluster_id=k)
         expert_paths.append(path)
         results.append(result)
 
@@ -115,13 +107,8 @@ def train_ensemble(
     )
     accuracy = accuracy_by_time(router_result.model, dataset.images, clusters, bins=5, seed=recipe.seed)
     router_path = out_dir / "router.safetensors"
-    save_checkpoint(
-        router_path,
-        router_result.model,
-        steps=router_result.steps,
-        flops=router_result.flops,
-        data_fingerprint=dataset.fingerprint(),
-        metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
+    router_result.export(
+        router_path, dataset.fingerprint(), metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]}
     )
     return TrainedEnsemble(expert_paths, router_path, results, router_result)
 
@@ -140,14 +127,7 @@ def train_monolith(
         description="monolith",
     )
     path = out_dir / "monolith.safetensors"
-    save_checkpoint(
-        path,
-        result.model,
-        steps=result.steps,
-        flops=result.flops,
-        data_fingerprint=dataset.fingerprint(),
-        metrics={"final_loss": result.losses[-1]},
-    )
+    result.export(path, dataset.fingerprint())
     return path, result
 
 

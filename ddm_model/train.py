@@ -23,6 +23,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from .checkpoint import CheckpointInfo, save_checkpoint
 from .data import ImageDataset
 from .dit import DiT, DiTConfig
 from .errors import DDMError
@@ -79,6 +80,21 @@ class TrainResult:
     @property
     def flops(self) -> int:
         return self.steps * self.flops_per_step
+
+    def export(
+        self, path: str | Path, data_fingerprint: str, cluster_id: int | None = None, metrics: dict | None = None
+    ) -> CheckpointInfo:
+        """Write the EMA weights as a checkpoint carrying this run's steps, FLOPs and final loss."""
+        final = {"final_loss": self.losses[-1]} if self.losses else {}
+        return save_checkpoint(
+            path,
+            self.model,
+            cluster_id=cluster_id,
+            steps=self.steps,
+            flops=self.flops,
+            data_fingerprint=data_fingerprint,
+            metrics={**final, **(metrics or {})},
+        )
 
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
@@ -157,7 +173,8 @@ def fit(
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     with maybe_progress(progress) as bar:
-        task = bar.add_task(description, total=cfg.steps, completed=step, info="") if bar else None
+        resumed = f"resumed at step {step}" if step else ""
+        task = bar.add_task(description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
             index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
             x = images[index]
@@ -176,7 +193,7 @@ def fit(
             optimizer.step()
             with torch.no_grad():
                 decay = _ema_decay_at(cfg, step)
-                for e, p in zip(ema_params, params):
+                for e, p in zip(ema_params, params, strict=True):
                     e.lerp_(p, 1.0 - decay)
             step += 1
             window_loss += loss.detach()

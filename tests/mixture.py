@@ -48,9 +48,7 @@ class GaussianMixture:
 
     def posterior_logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log pi_k + log N(x; t mu_k, var_k I): logits of the exact router."""
-        return torch.stack(
-            [self.weights[k].log() + self.component_log_density(k, x, t) for k in range(self.k)], dim=1
-        )
+        return torch.stack([self.weights[k].log() + self.component_log_density(k, x, t) for k in range(self.k)], dim=1)
 
     def global_velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Exact marginal velocity from the score of p_t, by autograd (independent of the above)."""

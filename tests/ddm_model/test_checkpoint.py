@@ -28,17 +28,12 @@ from ddm_model.checkpoint import (
 from ddm_model.dit import DiT, DiTConfig
 from ddm_model.errors import DDMError
 from ddm_model.router import Router, RouterConfig
+from tests.helpers import one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERT_CONFIG = DiTConfig("tiny", 8, 1, num_classes=10)
 ROUTER_CONFIG = RouterConfig("tiny", 8, 1, 4)
 METRICS = {"loss": 0.125, "fid": {"k": 3, "values": [1.5, 2.0]}, "note": "ok"}
-
-
-def one_line_error(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message, repr(message)
-    return message
 
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -91,7 +86,7 @@ def expert_file(tmp_path, expert):
 def read_file(path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     return tensors, metadata
 
 

@@ -21,23 +21,12 @@ from ddm_model.clustering import (
     random_partition,
     two_stage_kmeans,
 )
-from ddm_model.data import load_digits
 from ddm_model.errors import DDMError
 from ddm_model.features import FeatureError, PixelFeatures
+from tests.helpers import one_line_error
 
 K = 4
 TOLERANCE = 0.1  # two_stage_kmeans's default, which cluster_dataset uses
-
-
-def one_line_error(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message, repr(message)
-    return message
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +291,7 @@ def test_saved_file_is_safetensors_with_json_header(tmp_path, clustered):
 def read_clustering_file(path):
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     return tensors, json.loads(metadata["ddm"])
 
 

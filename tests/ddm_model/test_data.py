@@ -15,27 +15,16 @@ from PIL import Image
 
 from ddm_model.data import DataError, ImageDataset, load_dataset, load_digits, load_image_folder, load_npz
 from ddm_model.errors import DDMError
+from tests.helpers import one_line_error
 
 # sha256 fingerprint of load_digits() as shipped today. Two machines compare this value before one
 # trains on an index list the other sent, so it must not drift between releases.
 DIGITS_FINGERPRINT = "ee3998968ce44677fa9afec33ac045c575348768dae9dce73a8ddc079a80e2f8"
 
 
-def one_line_error(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message, "empty error message"
-    assert "\n" not in message, f"error message spans several lines: {message!r}"
-    return message
-
-
 def unit(value: float, max_value: float) -> float:
     """What the loaders map a pixel value to, computed the same way in float32."""
     return float(torch.tensor(value, dtype=torch.float32) / max_value * 2.0 - 1.0)
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageDataset:
-    return load_digits()
 
 
 def small_dataset() -> ImageDataset:
@@ -466,7 +455,7 @@ def test_npz_that_is_a_single_npy_array_raises_data_error(tmp_path):
     np.save(npy, np.zeros((2, 4, 4), np.uint8))
     path = tmp_path / "single.npz"
     shutil.copy(npy, path)
-    with pytest.raises(DataError, match="single .npy") as err:
+    with pytest.raises(DataError, match=r"single \.npy") as err:
         load_npz(path)
     one_line_error(err)
 

@@ -37,9 +37,7 @@ def test_unpatchify_inverts_the_patch_layout():
     assert torch.equal(model.unpatchify(tokens), x)
 
 
-@pytest.mark.parametrize(
-    "preset,millions", [("S/2", 33), ("B/2", 130), ("L/2", 458), ("XL/2", 675)]
-)
+@pytest.mark.parametrize("preset,millions", [("S/2", 33), ("B/2", 130), ("L/2", 458), ("XL/2", 675)])
 def test_paper_presets_match_dit_parameter_counts(preset, millions):
     """DiT paper, Table 1 (256x256 images as 32x32x4 latents, 1000 classes)."""
     with torch.device("meta"):

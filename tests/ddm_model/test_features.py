@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddm_model.data import load_digits
 from ddm_model.errors import DDMError
 from ddm_model.features import DinoV2Features, FeatureError, PixelFeatures, make_extractor
-
-
-def one_line_error(excinfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message, repr(message)
-    return message
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
+from tests.helpers import one_line_error
 
 
 @pytest.fixture(scope="module")

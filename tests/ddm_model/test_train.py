@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddm_model.data import load_digits
 from ddm_model.dit import DiTConfig
 from ddm_model.train import RESUME_FILE, TrainConfig, TrainError, train_expert
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
 
 
 def small_cfg(**kw):
@@ -77,7 +71,9 @@ def test_resume_refuses_a_different_run(digits, tmp_path):
     with pytest.raises(TrainError, match="different run"):
         train_expert(shard, DiTConfig("tiny", 8, 1), small_cfg(steps=10, lr=1e-2), tmp_path, progress=False)
     with pytest.raises(TrainError, match="different run"):
-        train_expert(digits.subset(range(1, 101)), DiTConfig("tiny", 8, 1), small_cfg(steps=10), tmp_path, progress=False)
+        train_expert(
+            digits.subset(range(1, 101)), DiTConfig("tiny", 8, 1), small_cfg(steps=10), tmp_path, progress=False
+        )
 
 
 KILL_SCRIPT = """

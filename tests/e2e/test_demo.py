@@ -35,7 +35,7 @@ def test_demo_trains_samples_and_resumes(run, tmp_path):
         expert, info = load_checkpoint(out / f"expert-{k}.safetensors", expect_kind="expert")
         assert info.cluster_id == k and info.steps == 100 and info.flops > 0
         assert info.data_fingerprint and info.metrics["final_loss"] > 0
-    router, info = load_checkpoint(out / "router.safetensors", expect_kind="router")
+    _, info = load_checkpoint(out / "router.safetensors", expect_kind="router")
     assert len(info.metrics["accuracy_by_t"]) == 5
 
     # A second run finds every model finished and reproduces the same samples.
