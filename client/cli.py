@@ -15,6 +15,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def island() -> None:
+    """Join a ddm coordinator as an island, or download and sample a published ensemble."""
+
+
 @app.command()
 def version() -> None:
     """Print the ddm version."""

@@ -69,5 +69,5 @@ def test_demo_refuses_bad_options_in_one_line_and_writes_nothing(run, tmp_path, 
 def test_command_lines_show_help(run):
     for name in ("ddm-coordinator", "ddm-client"):
         result = run(name, "--help")
-        assert result.returncode == 0 and "Usage" in result.stdout
+        assert result.returncode == 0 and "Usage" in result.stdout and "version" in result.stdout
     assert "demo" in run("ddm-coordinator", "--help").stdout
