@@ -13,6 +13,7 @@ of images (one sub-folder per class optional) and an ``.npz`` file with an ``ima
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,3 +271,64 @@ def load_dataset(source: str, image_size: int | None = None, labels: bool = True
     if path.is_dir():
         return load_image_folder(path, image_size=image_size, labels=labels)
     raise DataError(f"unknown dataset {source!r}: use 'digits', an .npz file or an image folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset files: how a cluster's samples travel to an island (a "shard").
+
+SHARD_FORMAT = "ddm.dataset/1"
+
+
+def save_dataset_file(dataset: ImageDataset, path: str | Path) -> str:
+    """Write images, ids and labels as safetensors with a JSON description; the bytes depend
+    only on the dataset, so the file can be content-addressed. Returns the fingerprint."""
+    from safetensors.torch import save_file
+
+    from .fsutil import atomic_path
+
+    fingerprint = dataset.fingerprint()
+    tensors = {"images": dataset.images.contiguous(), "ids": dataset.ids.contiguous()}
+    if dataset.labels is not None:
+        tensors["labels"] = dataset.labels.contiguous()
+    meta = {
+        "format": SHARD_FORMAT,
+        "name": dataset.name,
+        "num_classes": dataset.num_classes,
+        "fingerprint": fingerprint,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ddm": json.dumps(meta, sort_keys=True)})
+    return fingerprint
+
+
+def load_dataset_file(path: str | Path, expect_fingerprint: str | None = None) -> ImageDataset:
+    """Read a dataset file, refusing one whose content does not match its own fingerprint
+    (or the expected one)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ddm", "null"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not a ddm dataset file: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path} is not a ddm dataset file (format {SHARD_FORMAT} expected)")
+    if not {"images", "ids"} <= set(tensors) <= {"images", "ids", "labels"}:
+        raise DataError(f"{path} holds arrays {sorted(tensors)}, expected images, ids and optional labels")
+    if tensors["images"].dtype != torch.float32 or tensors["ids"].dtype != torch.int64:
+        raise DataError(f"{path}: images must be float32 and ids int64")
+    if "labels" in tensors and tensors["labels"].dtype != torch.int64:
+        raise DataError(f"{path}: labels must be int64")
+    num_classes = meta.get("num_classes", 0)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise DataError(f"{path}: num_classes must be a non-negative integer")
+    dataset = ImageDataset(
+        tensors["images"], tensors["ids"], tensors.get("labels"), num_classes, str(meta.get("name", "dataset"))
+    )
+    actual = dataset.fingerprint()
+    if actual != meta.get("fingerprint"):
+        raise DataError(f"{path}: content does not match the fingerprint in its header")
+    if expect_fingerprint is not None and actual != expect_fingerprint:
+        raise DataError(f"{path}: dataset fingerprint {actual} differs from the expected {expect_fingerprint}")
+    return dataset

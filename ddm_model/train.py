@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,13 @@ class TrainError(DDMError, RuntimeError):
     """A training run that cannot start or resume as asked."""
 
 
+class TrainStopped(TrainError):
+    """Training was asked to stop; its resume state was saved first."""
+
+
+ProgressCallback = Callable[[int, float, float], None]  # (step, mean loss, images per second)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -59,9 +67,47 @@ class TrainConfig:
     time_mean: float = 0.0
     time_std: float = 1.0
 
+    def __post_init__(self):
+        checks = {
+            "steps": self.steps >= 0,
+            "batch_size": 1 <= self.batch_size <= 1 << 20,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup": self.warmup >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "log_every": self.log_every >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise TrainError(f"training settings out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        TimeSampler(self.time_kind, self.time_mean, self.time_std)  # validates the time distribution
+
     @property
     def times(self) -> TimeSampler:
         return TimeSampler(self.time_kind, self.time_mean, self.time_std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> TrainConfig:
+        """Rebuild from JSON (a lease carries one), refusing unknown fields and wrong types."""
+        if not isinstance(data, dict):
+            raise TrainError(f"training settings must be a JSON object, got {type(data).__name__}")
+        defaults = cls()
+        unknown = set(data) - set(asdict(defaults))
+        if unknown:
+            raise TrainError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        for name, value in data.items():
+            want = type(getattr(defaults, name))
+            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise TrainError(f"training setting {name!r} must be {want.__name__}, got {value!r}")
+        return cls(**data)
 
     def run_identity(self) -> dict:
         """Settings that must not change across a resume (the step budget may grow)."""
@@ -119,8 +165,14 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     progress: Progress | bool = True,
     description: str = "train",
+    on_progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
-    """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps."""
+    """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps.
+
+    ``on_progress`` is called after every log window; setting ``stop`` makes the loop save its
+    resume state and raise ``TrainStopped`` at the next step.
+    """
     if images.shape[0] == 0:
         raise TrainError("cannot train on an empty dataset")
     device = torch.device(cfg.device)
@@ -176,6 +228,9 @@ def fit(
         resumed = f"resumed at step {step}" if step else ""
         task = bar.add_task(description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
+            if stop is not None and stop.is_set():
+                save_resume()
+                raise TrainStopped(f"{description}: stopped at step {step}; the resume state is saved")
             index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
             x = images[index]
             y = None if targets is None else targets[index]
@@ -205,6 +260,8 @@ def fit(
                 rate = window_steps * cfg.batch_size / (now - window_start)
                 if bar:
                     bar.update(task, completed=step, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
+                if on_progress is not None:
+                    on_progress(step, mean_loss, rate)
                 window_loss.zero_()
                 window_steps, window_start = 0, now
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -254,6 +311,8 @@ def train_expert(
     checkpoint_dir: str | Path | None = None,
     progress: Progress | bool = True,
     description: str = "expert",
+    on_progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train one flow-matching DiT on exactly the samples of ``dataset``.
 
@@ -276,7 +335,19 @@ def train_expert(
         model = DiT(model_cfg)
     identity = {"kind": "expert", "model": model_cfg.to_dict(), "data": dataset.fingerprint()}
     objective = expert_objective(model_cfg, cfg.times)
-    return fit(model, dataset.images, labels, objective, cfg, identity, checkpoint_dir, progress, description)
+    return fit(
+        model,
+        dataset.images,
+        labels,
+        objective,
+        cfg,
+        identity,
+        checkpoint_dir,
+        progress,
+        description,
+        on_progress,
+        stop,
+    )
 
 
 def train_router(
@@ -287,6 +358,8 @@ def train_router(
     checkpoint_dir: str | Path | None = None,
     progress: Progress | bool = True,
     description: str = "router",
+    on_progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train r(x_t, t) to name the cluster of each sample from its noised version."""
     clusters = torch.as_tensor(clusters, dtype=torch.int64)
@@ -309,4 +382,16 @@ def train_router(
     def objective(router, x, y, generator):
         return router_loss(router, x, y, times, generator)
 
-    return fit(model, dataset.images, clusters, objective, cfg, identity, checkpoint_dir, progress, description)
+    return fit(
+        model,
+        dataset.images,
+        clusters,
+        objective,
+        cfg,
+        identity,
+        checkpoint_dir,
+        progress,
+        description,
+        on_progress,
+        stop,
+    )
