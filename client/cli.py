@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
+from rich.console import Console
 
 from ddm_model import __version__
-from ddm_model.progress import console
+from ddm_model.errors import DDMError
+from ddm_model.progress import console as err_console
+from protocol.trust import TrustError
+
+from .state import DEFAULT_STATE_DIR
 
 app = typer.Typer(
     help="Join a ddm coordinator as an island: train an expert locally on its cluster and upload only "
@@ -13,6 +21,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+out = Console()
+
+STATE_HELP = "Folder for this island's identity, data and training state (default: $DDM_STATE_DIR or ~/.ddm/island)."
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def state_dir(value: Path | None) -> Path:
+    return value or Path(os.environ.get("DDM_STATE_DIR", DEFAULT_STATE_DIR))
 
 
 @app.callback()
@@ -21,9 +41,88 @@ def island() -> None:
 
 
 @app.command()
+def join(
+    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
+    token: str = typer.Option(None, help="Invite token (needed only the first time)."),
+    state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    once: bool = typer.Option(False, "--once", help="Exit after one expert instead of asking for more work."),
+    name: str = typer.Option("", help="A name for this island in the coordinator's status."),
+    dataset: str = typer.Option(
+        None, help="A local copy of the dataset ('digits', .npz or folder): receive index lists."
+    ),
+    fingerprint: str = typer.Option(None, help="Pin the coordinator's key (sha256:...) when enrolling."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for training."),
+) -> None:
+    """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
+    from .island import JoinOptions, run_island
+
+    try:
+        code = run_island(
+            JoinOptions(
+                coordinator=coordinator,
+                state_dir=state_dir(state_dir_),
+                token=token,
+                name=name or os.uname().nodename,
+                device=device,
+                once=once,
+                dataset=dataset,
+                fingerprint=fingerprint,
+                threads=threads,
+            )
+        )
+    except (DDMError, TrustError) as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def download(
+    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the ensemble."),
+    fingerprint: str = typer.Option(None, help="The coordinator key's fingerprint (sha256:...) to pin."),
+    token: str = typer.Option(None, help="A reader (or island) invite, if the state folder holds no identity."),
+    state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
+) -> None:
+    """Fetch the published ensemble (resumable) and verify every signature and hash."""
+    from .ensemble import download_ensemble
+
+    try:
+        folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token)
+    except (DDMError, TrustError) as exc:
+        fail(str(exc))
+    out.print(f"verified ensemble in {folder}")
+
+
+@app.command()
+def sample(
+    folder: Path = typer.Argument(..., help="A folder written by `ddm-client download`."),
+    n: int = typer.Option(64, "--n", min=1, help="Number of samples (the PNG shows the first 100)."),
+    routing: str = typer.Option("top2", help="full, top1, top2, ..."),
+    steps: int = typer.Option(20, min=1, help="ODE steps."),
+    sampler: str = typer.Option("euler", help="euler or heun."),
+    seed: int = typer.Option(0, help="Seed for the noise."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    fingerprint: str = typer.Option(None, help="Refuse an ensemble not signed by this key."),
+    out_file: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
+    npz: Path = typer.Option(
+        None, help="Also save the raw samples, (N, C, H, W) in [-1, 1], as an .npz 'images' array."
+    ),
+) -> None:
+    """Verify a downloaded ensemble again and write a PNG grid of samples."""
+    from .sample import sample_folder
+
+    try:
+        path = sample_folder(folder, n, routing, steps, sampler, seed, device, fingerprint, out_file, npz)
+    except (DDMError, TrustError) as exc:
+        fail(str(exc))
+    out.print(f"wrote {path}" + (f" and {npz}" if npz else ""))
+
+
+@app.command()
 def version() -> None:
     """Print the ddm version."""
-    console.print(f"ddm {__version__}")
+    out.print(f"ddm {__version__}")
 
 
 def main() -> None:

@@ -1,31 +1,50 @@
-"""``ddm-coordinator demo``: the whole recipe on the built-in digits, in one process.
+"""`ddm-coordinator demo`: the whole system on one machine, as separate processes.
 
-Cluster -> one expert per cluster, each trained on its own cluster only -> router -> routed
-ensemble loaded back from its checkpoint files -> samples, a PNG grid and the Fréchet
-distance. Everything lands in one folder; re-running resumes from the state kept there.
+    OUT/coordinator/     the coordinator's home (init here, then `ddm-coordinator serve` on loopback)
+    OUT/islands/N/       each island's state folder (`ddm-client join --once`, one process each)
+    OUT/reader/          the downloader's state folder
+    OUT/ensemble/        the downloaded, verified ensemble
+    OUT/samples.png      a grid of samples; OUT/samples.npz the raw samples
+    OUT/logs/            every process's output
+
+The demo drives the real command lines and reads the registry for its progress display.
+Run it again with the same folder and every process resumes from the state kept there.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
+import torch
 from rich.console import Console
-from rich.table import Table
 
-from ddm_model.checkpoint import read_checkpoint_header
-from ddm_model.clustering import cluster_dataset
 from ddm_model.data import load_digits
 from ddm_model.dit import trunk_for
 from ddm_model.ensemble import parse_routing
-from ddm_model.errors import UsageError
-from ddm_model.flow import SAMPLERS
-from ddm_model.grid import save_grid
+from ddm_model.errors import DDMError
 from ddm_model.metrics import Evaluator
 from ddm_model.progress import progress_bar
-from ddm_model.recipe import Recipe, describe_clusters, generate, load_ensemble, train_ensemble
+
+from .bootstrap import InitOptions, init_home
+from .home import Home
+from .keys import SigningKey
+from .registry import Registry
+from .status import build_status
+
+console = Console()
+POLL_S = 0.5
+
+
+class DemoError(DDMError):
+    """A demo process that failed; the message points at its log."""
 
 
 @dataclass
@@ -34,100 +53,211 @@ class DemoSettings:
     experts: int = 4
     preset: str = "small"
     steps: int = 1200
-    router_preset: str = "small"
     router_steps: int = 2000
     routing: str = "top2"
     samples: int = 1000
     sampling_steps: int = 20
-    sampler: str = "euler"
     seed: int = 0
-    device: str = "cpu"
-
-    def check(self) -> None:
-        """Refuse bad settings before any work starts."""
-        parse_routing(self.routing, self.experts)
-        trunk_for(self.preset)
-        trunk_for(self.router_preset)
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"unknown device {self.device!r}; use cpu or cuda")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
 
 
-console = Console()  # results on stdout; progress bars go to stderr
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(package: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"{package}.cli", *map(str, args)]
+
+
+class Processes:
+    """Child processes with their logs; all stopped on exit."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.children: dict[str, subprocess.Popen] = {}
+        self._files = []
+
+    def start(self, name: str, argv: list[str], threads: int | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
+        self._files.append(log)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.children[name] = proc
+        return proc
+
+    def tail(self, name: str, lines: int = 3) -> str:
+        text = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def stop(self) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self._files:
+            log.close()
+
+
+def run(argv: list[str], log: Path) -> str:
+    """Run a command to completion; its output goes to a log and comes back for the console."""
+    result = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DemoError(f"`ddm-client {argv[3]}` failed: {last} (log: {log})")
+    return result.stdout
+
+
+def prepare_home(s: DemoSettings, home: Home) -> str:
+    if home.exists():
+        config = home.load_config()
+        if config.experts != s.experts or config.model["preset"] != s.preset or config.train["steps"] != s.steps:
+            raise DemoError(f"{home.root} was set up with other settings; use another --out or remove it")
+        fingerprint = SigningKey.load(home.key_path).fingerprint
+        console.print(f"resuming the coordinator in {home.root}", highlight=False)
+        return fingerprint
+    _, fingerprint = init_home(
+        InitOptions(
+            home=home.root,
+            dataset="digits",
+            experts=s.experts,
+            preset=s.preset,
+            steps=s.steps,
+            router_steps=s.router_steps,
+            seed=s.seed,
+            lease_seconds=60.0,
+            heartbeat_seconds=2.0,
+        )
+    )
+    config = home.load_config()
+    console.print(
+        f"coordinator home {home.root}: digits clustered into {s.experts} ({config.clustering['sizes']} images)",
+        highlight=False,
+    )
+    return fingerprint
+
+
+def wait_ready(address: str, timeout: float = 60.0) -> None:
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise DemoError(f"the coordinator did not come up on {address}") from None
+    finally:
+        channel.close()
+
+
+def follow(home: Home, registry: Registry, procs: Processes, fingerprint: str) -> dict:
+    """Show each expert's progress from the registry until the ensemble is published."""
+    config = home.load_config()
+    with progress_bar() as bar:
+        tasks = {
+            e["id"]: bar.add_task(f"expert {e['id']}", total=config.train["steps"], info="")
+            for e in build_status(home, config, registry, fingerprint)["experts"]
+        }
+        router_task = bar.add_task("router (coordinator)", total=config.router_train["steps"], info="waiting")
+        while True:
+            status = build_status(home, config, registry, fingerprint)
+            for e in status["experts"]:
+                loss = "" if e["loss"] is None else f"  loss {e['loss']:.3f}"
+                bar.update(tasks[e["id"]], completed=e["step"], info=f"{e['state']}{loss}")
+            router = status["router"]
+            bar.update(router_task, completed=router["step"], info=router["state"])
+            if status["ensemble"]["state"] == "published" and status["ensemble"]["experts"] == config.experts:
+                return status
+            if status["ensemble"]["state"] == "failed":
+                raise DemoError(f"assembly failed: {status['ensemble']['reason']} (log: {procs.logs}/coordinator.log)")
+            if procs.children["coordinator"].poll() is not None:
+                raise DemoError(f"the coordinator exited: {procs.tail('coordinator')}")
+            for name, proc in procs.children.items():
+                if name != "coordinator" and proc.poll() not in (None, 0):
+                    raise DemoError(f"{name} failed: {procs.tail(name)}")
+            time.sleep(POLL_S)
 
 
 def run_demo(s: DemoSettings) -> dict:
-    s.check()
+    parse_routing(s.routing, s.experts)
+    trunk_for(s.preset)
     started = time.perf_counter()
-    dataset = load_digits()
-    console.print(
-        f"[bold]ddm demo[/bold]: {s.experts} experts on digits ({len(dataset)} images, "
-        f"{dataset.channels}x{dataset.image_size}x{dataset.image_size}), device {s.device}, output {s.out}/"
-    )
+    out = s.out.resolve()
+    home = Home(out / "coordinator")
+    fingerprint = prepare_home(s, home)
+    console.print(f"coordinator key {fingerprint}", highlight=False, soft_wrap=True)
 
-    clustering = cluster_dataset(dataset, s.experts, seed=s.seed)
-    clustering.save(s.out / "clustering.safetensors")
-    table = Table(title="clusters (two-stage k-means on pixel features)", title_justify="left")
-    table.add_column("cluster", justify="right")
-    table.add_column("images", justify="right")
-    table.add_column("digits it holds, most frequent first")
-    for k, size, hist in describe_clusters(dataset, clustering):
-        top = [f"{d}:{hist[d]}" for d in np.argsort(-hist, kind="stable")[:5] if hist[d]]
-        table.add_row(str(k), str(size), "  ".join(top))
-    console.print(table)
-
-    recipe = Recipe(
-        expert_preset=s.preset,
-        router_preset=s.router_preset,
-        expert_steps=s.steps,
-        router_steps=s.router_steps,
-        seed=s.seed,
-        device=s.device,
-    )
-    with progress_bar() as bar:
-        trained = train_ensemble(dataset, clustering, recipe, s.out, progress=bar)
-
-    router_info, _ = read_checkpoint_header(trained.router_path)
-    acc = Table(title="router accuracy by t", title_justify="left")
-    for t, _ in router_info.metrics["accuracy_by_t"]:
-        acc.add_column(f"t={t:.1f}", justify="right")
-    acc.add_row(*[f"{a:.0%}" for _, a in router_info.metrics["accuracy_by_t"]])
-    console.print(acc)
-
-    ensemble = load_ensemble(trained.expert_paths, trained.router_path, device=s.device)
-    evaluator = Evaluator.build(dataset, seed=s.seed)
-    shape = (dataset.channels, dataset.image_size, dataset.image_size)
-    with progress_bar() as bar:
-        task = bar.add_task(f"sampling ({s.routing})", total=s.samples, info="")
-        images = generate(
-            ensemble.as_velocity(s.routing),
-            s.samples,
-            shape,
-            s.sampling_steps,
-            s.sampler,
-            seed=s.seed,
-            device=s.device,
-            on_batch=lambda n: bar.advance(task, n),
+    procs = Processes(out / "logs")
+    address = f"127.0.0.1:{free_port()}"
+    registry = Registry(home.database_url(home.load_config()))
+    try:
+        procs.start("coordinator", cli("coordinator", "serve", "--home", home.root, "--listen", address))
+        wait_ready(address)
+        threads = max(1, (os.cpu_count() or 1) // s.experts)
+        for k in range(s.experts):
+            state = out / "islands" / str(k)
+            argv = ["join", "--coordinator", address, "--state-dir", state, "--once", "--name", f"island-{k}"]
+            argv += ["--threads", str(threads)]
+            if not (state / "identity.json").exists():
+                argv += ["--token", registry.create_invite("island", 3600)]
+            procs.start(f"island-{k}", cli("client", *argv), threads=threads)
+        console.print(
+            f"coordinator on {address}; {s.experts} island processes training on their own clusters "
+            f"(logs in {procs.logs})",
+            highlight=False,
         )
-    grid = save_grid(images[:100], s.out / "samples.png", columns=10)
+        follow(home, registry, procs, fingerprint)
+
+        reader = out / "reader"
+        argv = ["download", "--coordinator", address, "--out", out / "ensemble", "--fingerprint", fingerprint]
+        argv += ["--state-dir", reader]
+        if not (reader / "identity.json").exists():
+            argv += ["--token", registry.create_invite("reader", 3600)]
+        run(cli("client", *argv), procs.logs / "download.log")
+        console.print(f"downloaded and verified the signed ensemble into {out / 'ensemble'}", highlight=False)
+    finally:
+        procs.stop()
+        registry.close()
+
+    grid, npz = out / "samples.png", out / "samples.npz"
+    run(
+        cli(
+            "client",
+            "sample",
+            out / "ensemble",
+            "--n",
+            s.samples,
+            "--routing",
+            s.routing,
+            "--steps",
+            s.sampling_steps,
+            "--seed",
+            s.seed,
+            "--fingerprint",
+            fingerprint,
+            "--out",
+            grid,
+            "--npz",
+            npz,
+        ),
+        procs.logs / "sample.log",
+    )
+    with np.load(npz, allow_pickle=False) as data:
+        images = torch.from_numpy(data["images"])
+    evaluator = Evaluator.build(load_digits(), seed=s.seed)
     fd = evaluator.frechet(images)
     floor = evaluator.real_vs_real(seed=s.seed)
     hist = evaluator.class_histogram(images)
-
-    console.print(
-        f"training: {trained.training_flops / 1e12:.2f} TFLOP in total "
-        f"({len(trained.expert_paths)} experts x {s.steps} steps + router {s.router_steps} steps)"
-    )
     console.print("generated digits by class: " + "  ".join(f"{d}:{share:.0%}" for d, share in enumerate(hist)))
     console.print(
-        f"Fréchet distance ({s.routing}, {s.samples} samples, {s.sampling_steps} {s.sampler} steps): "
-        f"[bold]{fd:.1f}[/bold]  (real vs real: {floor:.1f}; feature-net accuracy {evaluator.held_out_accuracy:.1%})"
+        f"Fréchet distance ({s.routing}, {s.samples} samples, {s.sampling_steps} euler steps): [bold]{fd:.1f}[/bold]"
+        f"  (real vs real: {floor:.1f})",
+        soft_wrap=True,
     )
-    console.print(f"samples: [bold]{grid}[/bold]  ({time.perf_counter() - started:.0f} s)")
-    return {"grid": str(grid), "frechet": fd, "real_vs_real": floor, "class_histogram": hist.tolist()}
+    console.print(f"samples: [bold]{grid}[/bold]  ({time.perf_counter() - started:.0f} s)", soft_wrap=True)
+    return {"grid": str(grid), "frechet": fd, "real_vs_real": floor}

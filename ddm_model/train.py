@@ -122,6 +122,7 @@ class TrainResult:
     flops_per_step: int
     losses: list[float] = field(default_factory=list)  # mean loss of each log window
     seconds: float = 0.0
+    resumed_from: int = 0  # step found in the resume state when this call started
 
     @property
     def flops(self) -> int:
@@ -273,6 +274,7 @@ def fit(
         flops_per_step=flops_per_step,
         losses=losses,
         seconds=time.perf_counter() - started if step > start_step else 0.0,
+        resumed_from=start_step,
     )
 
 

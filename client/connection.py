@@ -1,0 +1,84 @@
+"""A channel to the coordinator: credentials on every call, limits from protocol.limits,
+retries while the coordinator is unreachable, and one-line errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from ddm_model.errors import DDMError
+from protocol import auth, ddm_pb2_grpc
+from protocol.limits import (
+    CHANNEL_OPTIONS,
+    RETRY_ATTEMPTS,
+    RETRY_BACKOFF_MAX_S,
+    RETRY_BACKOFF_S,
+    UNARY_DEADLINE_S,
+)
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class ClientError(DDMError):
+    """A call the coordinator refused, or a coordinator that cannot be reached."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class Connection:
+    def __init__(self, address: str, credential: str | None = None, attempts: int = RETRY_ATTEMPTS):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = ddm_pb2_grpc.CoordinatorStub(self.channel)
+        self.metadata = auth.metadata(credential) if credential else ()
+        self.attempts = attempts
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def error(self, err: grpc.RpcError, method: str) -> ClientError:
+        code = err.code()
+        if code in TRANSIENT:
+            return ClientError(
+                f"the coordinator at {self.address} is unreachable; is `ddm-coordinator serve` running there?", code
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ClientError(f"{method} to {self.address} timed out", code)
+        return ClientError(f"{method} refused ({code.name.lower()}): {err.details()}", code)
+
+    def _retrying(self, method: str, call, retry: bool):
+        delay = RETRY_BACKOFF_S
+        attempts = self.attempts if retry else 1
+        for attempt in range(attempts):
+            try:
+                return call()
+            except grpc.RpcError as err:
+                if err.code() not in TRANSIENT or attempt == attempts - 1:
+                    raise self.error(err, method) from None
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        raise AssertionError("unreachable")
+
+    def unary(self, method: str, request, timeout: float = UNARY_DEADLINE_S, retry: bool = True):
+        rpc = getattr(self.stub, method)
+        return self._retrying(method, lambda: rpc(request, timeout=timeout, metadata=self.metadata), retry)
+
+    def stream_in(self, method: str, requests: Iterator, timeout: float):
+        """A client-streaming call; not retried here (the caller resumes from the committed offset)."""
+        rpc = getattr(self.stub, method)
+        try:
+            return rpc(requests, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise self.error(err, method) from None
+
+    def stream_out(self, method: str, request, timeout: float) -> Iterator:
+        """A server-streaming call; errors surface as ClientError while iterating."""
+        rpc = getattr(self.stub, method)
+        try:
+            yield from rpc(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise self.error(err, method) from None

@@ -1,0 +1,151 @@
+"""`ddm-client download` and `ddm-client sample`: fetch a published ensemble, verify every
+signature and hash against the pinned coordinator key, and sample from it.
+
+A downloaded ensemble is a folder:
+
+    manifest.json          the manifest exactly as signed (canonical JSON)
+    manifest.sig           its Ed25519 signature
+    coordinator.pub        the coordinator's raw public key
+    router.safetensors
+    expert-<cluster>.safetensors
+
+The key is pinned by the fingerprint given on the command line, else by the one this state
+folder saw first for this coordinator (trust on first use, with a warning). ``load_verified``
+checks everything again before a single weight is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
+from ddm_model.ensemble import RoutedEnsemble
+from ddm_model.fsutil import atomic_path
+from ddm_model.progress import transfer_bar
+from protocol import ddm_pb2 as pb
+from protocol.trust import TrustError, canonical_json, key_fingerprint, sha256_file, verify_signature
+
+from .connection import Connection
+from .island import enroll
+from .state import IslandState
+from .transfer import bar_callback, download_artifact
+
+console = Console(stderr=True)
+MANIFEST_FORMAT = "ddm.ensemble/1"
+
+
+@dataclass
+class Member:
+    name: str  # file name in the ensemble folder
+    kind: str  # "router" or "expert"
+    sha256: str
+    size: int
+    config: dict
+
+
+def members(manifest: dict, public_key: bytes) -> list[Member]:
+    """Router and experts named by a verified manifest, each expert entry's signature checked."""
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise TrustError(f"unsupported ensemble manifest (format {MANIFEST_FORMAT} expected)")
+    router = manifest["router"]
+    found = [Member("router.safetensors", "router", router["sha256"], router["size"], router["config"])]
+    clusters = router["clusters"]
+    if len(clusters) != len(manifest["experts"]):
+        raise TrustError("the manifest's router and expert list disagree")
+    for cluster, item in zip(clusters, manifest["experts"], strict=True):
+        entry = item["entry"]
+        verify_signature(
+            public_key, canonical_json(entry), base64.b64decode(item["signature"]), f"expert {entry['expert_id']}"
+        )
+        if entry["cluster_id"] != cluster:
+            raise TrustError("the manifest routes to a cluster its expert entry does not name")
+        found.append(Member(f"expert-{cluster}.safetensors", "expert", entry["sha256"], entry["size"], entry["config"]))
+    return found
+
+
+def pin_key(state: IslandState, coordinator: str, public_key: bytes, fingerprint: str | None) -> None:
+    actual = key_fingerprint(public_key)
+    if fingerprint:
+        if actual != fingerprint:
+            raise TrustError(f"the coordinator's key is {actual}, not the pinned {fingerprint}; refusing the download")
+        state.remember_key(coordinator, actual)
+        return
+    known = state.known_key(coordinator)
+    if known is None:
+        console.print(
+            f"[yellow]warning:[/yellow] trusting the coordinator key {actual} on first use; "
+            "pass --fingerprint to pin it",
+            highlight=False,
+        )
+        state.remember_key(coordinator, actual)
+    elif known != actual:
+        raise TrustError(
+            f"the coordinator at {coordinator} now presents key {actual}, but {known} was pinned before; refusing"
+        )
+
+
+def download_ensemble(
+    coordinator: str, out: Path, state_dir: Path, fingerprint: str | None = None, token: str | None = None
+) -> Path:
+    state = IslandState(state_dir)
+    identity = state.identity()
+    if identity is None or identity.coordinator != coordinator:
+        identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint)
+    conn = Connection(coordinator, identity.credential)
+    try:
+        signed = conn.unary("GetManifest", pb.GetManifestRequest())
+        pin_key(state, coordinator, signed.coordinator_public_key, fingerprint)
+        verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "the ensemble manifest")
+        manifest = json.loads(signed.manifest_json)
+        wanted = members(manifest, signed.coordinator_public_key)
+        out.mkdir(parents=True, exist_ok=True)
+        with transfer_bar() as bar:
+            for m in wanted:
+                dest = out / m.name
+                if dest.exists() and sha256_file(dest) == m.sha256:
+                    continue
+                download_artifact(conn, m.sha256, dest, m.size, bar_callback(bar, m.name, m.size))
+    finally:
+        conn.close()
+    for m in wanted:
+        try:
+            verify_checkpoint(out / m.name, expect_kind=m.kind, expect_config=m.config)
+        except CheckpointError as exc:
+            raise TrustError(f"{m.name} is signed but not a valid {m.kind}: {exc}") from None
+    for name, data in (
+        ("coordinator.pub", signed.coordinator_public_key),
+        ("manifest.sig", signed.signature),
+        ("manifest.json", signed.manifest_json),
+    ):
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    return out
+
+
+def load_verified(folder: Path, fingerprint: str | None = None, device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
+    """Check a downloaded ensemble folder end to end, then build the routed ensemble."""
+    try:
+        public_key = (folder / "coordinator.pub").read_bytes()
+        manifest_json = (folder / "manifest.json").read_bytes()
+        signature = (folder / "manifest.sig").read_bytes()
+    except OSError as exc:
+        raise TrustError(f"{folder} is not a downloaded ensemble ({exc.strerror}: {exc.filename})") from None
+    if fingerprint and key_fingerprint(public_key) != fingerprint:
+        raise TrustError(f"{folder} was signed by {key_fingerprint(public_key)}, not {fingerprint}")
+    verify_signature(public_key, manifest_json, signature, "the ensemble manifest")
+    manifest = json.loads(manifest_json)
+    wanted = members(manifest, public_key)
+    models = []
+    for m in wanted:
+        path = folder / m.name
+        if not path.exists() or sha256_file(path) != m.sha256:
+            raise TrustError(f"{path} does not match the signed manifest (tampered or incomplete); download again")
+        model, _ = load_checkpoint(path, expect_kind=m.kind, expect_config=m.config, device=device)
+        models.append(model)
+    router, experts = models[0], models[1:]
+    return RoutedEnsemble(experts, router), manifest

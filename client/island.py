@@ -1,0 +1,258 @@
+"""`ddm-client join`: the island's life.
+
+enroll (once; the identity stays in the state folder) -> lease -> fetch and verify the
+cluster's data -> train locally with resume state and a heartbeat thread -> upload the
+finished checkpoint (resumable) -> check the coordinator's signature on it -> next lease, or
+exit with --once. A killed island restarted with the same state folder gets its lease back,
+resumes training from its last local checkpoint and resumes an interrupted upload from the
+coordinator's committed offset.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ddm_model.checkpoint import read_checkpoint_header
+from ddm_model.data import ImageDataset, load_dataset, load_dataset_file
+from ddm_model.dit import DiTConfig
+from ddm_model.progress import progress_bar, transfer_bar
+from ddm_model.train import TrainConfig, TrainStopped, train_expert
+from protocol import ddm_pb2 as pb
+from protocol.trust import TrustError, key_fingerprint, verify_signature
+
+from .connection import ClientError, Connection
+from .state import Identity, IslandState
+from .transfer import bar_callback, download_artifact, upload_checkpoint
+
+console = Console(stderr=True)
+
+
+class LeaseLost(ClientError):
+    """The coordinator gave the lease's expert to another island."""
+
+
+@dataclass
+class JoinOptions:
+    coordinator: str
+    state_dir: Path
+    token: str | None = None
+    name: str = ""
+    device: str = "cpu"
+    once: bool = False
+    dataset: str | None = None  # a local copy of the dataset: receive index lists, not shards
+    fingerprint: str | None = None  # pin the coordinator's key at enrollment
+    threads: int | None = None
+
+
+def enroll(state: IslandState, coordinator: str, token: str | None, name: str, role: str, pin: str | None) -> Identity:
+    """The identity kept in the state folder, or a new one from an invite token."""
+    identity = state.identity()
+    if identity is not None:
+        if identity.coordinator != coordinator:
+            raise ClientError(
+                f"{state.root} holds an identity for the coordinator at {identity.coordinator};"
+                " use another --state-dir for this one"
+            )
+        return identity
+    if not token:
+        raise ClientError(f"no identity in {state.root} yet: pass --token with an invite from the coordinator")
+    conn = Connection(coordinator)
+    try:
+        reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name))
+    finally:
+        conn.close()
+    fingerprint = key_fingerprint(reply.coordinator_public_key)
+    if fingerprint != reply.key_fingerprint:
+        raise TrustError("the coordinator's key and its stated fingerprint disagree; refusing to enroll")
+    if pin and fingerprint != pin:
+        raise TrustError(f"the coordinator's key is {fingerprint}, not the pinned {pin}; refusing to enroll")
+    if reply.role != role:
+        raise ClientError(f"this token enrolls a {reply.role}, but a {role} is needed here")
+    identity = Identity(
+        coordinator=coordinator,
+        island_id=reply.island_id,
+        credential=reply.credential,
+        role=reply.role,
+        public_key_hex=reply.coordinator_public_key.hex(),
+        key_fingerprint=fingerprint,
+    )
+    state.save_identity(identity)
+    state.remember_key(coordinator, fingerprint)
+    console.print(
+        f"enrolled as {reply.role} {reply.island_id}; coordinator key {fingerprint}", highlight=False, soft_wrap=True
+    )
+    return identity
+
+
+class Heartbeat(threading.Thread):
+    """Reports progress every interval; sets ``lost`` when the coordinator says the lease is gone."""
+
+    def __init__(self, conn: Connection, lease_id: str, interval: float):
+        super().__init__(name="heartbeat", daemon=True)
+        self.conn = conn
+        self.lease_id = lease_id
+        self.interval = interval
+        self.step, self.loss, self.rate = 0, math.nan, 0.0
+        self.lost = threading.Event()
+        self.reason = ""
+        self._done = threading.Event()
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        self.step, self.loss, self.rate = step, loss, rate
+
+    def beat(self) -> None:
+        request = pb.HeartbeatRequest(
+            lease_id=self.lease_id, step=self.step, loss=self.loss, images_per_second=self.rate
+        )
+        try:
+            self.conn.unary("Heartbeat", request, timeout=max(self.interval, 5.0), retry=False)
+        except ClientError as err:
+            if err.code is not None and err.code.name in ("FAILED_PRECONDITION", "PERMISSION_DENIED"):
+                self.reason = str(err)
+                self.lost.set()
+            # Anything else is transient: the next beat tries again.
+
+    def run(self) -> None:
+        while not self.lost.is_set():
+            self.beat()
+            if self._done.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=self.interval + 5)
+
+
+def fetch_data(conn: Connection, lease: pb.Lease, state: IslandState, local: str | None) -> ImageDataset:
+    """The lease's cluster, verified against the fingerprints the coordinator sent."""
+    if lease.WhichOneof("data") == "shard":
+        path = state.shards / f"{lease.shard.sha256}.safetensors"
+        if not path.exists():
+            with transfer_bar() as bar:
+                on_bytes = bar_callback(bar, f"data shard {lease.shard.sha256[:12]}", lease.shard.size)
+                download_artifact(conn, lease.shard.sha256, path, lease.shard.size, on_bytes)
+        return load_dataset_file(path, expect_fingerprint=lease.shard_fingerprint)
+    index = lease.index_list
+    if not local:
+        raise ClientError("the coordinator sent an index list but this island has no --dataset of its own")
+    dataset = load_dataset(local)
+    if dataset.fingerprint() != index.dataset_fingerprint:
+        reason = (
+            f"the local dataset {local} has fingerprint {dataset.fingerprint()[:16]}…, the coordinator's"
+            f" {index.dataset} has {index.dataset_fingerprint[:16]}…; refusing to train on a different copy"
+        )
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        raise ClientError(reason)
+    shard = dataset.subset(list(index.ids), name=f"{dataset.name}-cluster-{lease.cluster_id}")
+    if shard.fingerprint() != lease.shard_fingerprint:
+        raise ClientError("the cluster cut from the local dataset does not match the coordinator's fingerprint")
+    return shard
+
+
+def train_lease(
+    heartbeat: Heartbeat, lease: pb.Lease, state: IslandState, data: ImageDataset, opts: JoinOptions
+) -> Path:
+    """Train (or resume) the lease's expert; returns the finished checkpoint in the outbox."""
+    model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
+    train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
+    train_cfg.device = opts.device
+    out = state.outbox / f"expert-{lease.expert_id}-{data.fingerprint()[:16]}.safetensors"
+    if out.exists():
+        info, _ = read_checkpoint_header(out)
+        if info.steps == train_cfg.steps and info.model == model_cfg.to_dict():
+            console.print(f"expert {lease.expert_id}: already trained, uploading {out.name}", highlight=False)
+            heartbeat.update(info.steps, info.metrics.get("final_loss", math.nan), 0.0)
+            return out
+    try:
+        with progress_bar() as bar:
+            result = train_expert(
+                data,
+                model_cfg,
+                train_cfg,
+                checkpoint_dir=state.work(lease.expert_id),
+                progress=bar,
+                description=f"expert {lease.expert_id} ({len(data)} imgs)",
+                on_progress=heartbeat.update,
+                stop=heartbeat.lost,
+            )
+    except TrainStopped:
+        raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
+    if result.resumed_from:
+        console.print(f"expert {lease.expert_id}: resumed from local step {result.resumed_from}", highlight=False)
+    result.export(out, data.fingerprint(), cluster_id=lease.cluster_id)
+    return out
+
+
+def upload_lease(conn: Connection, lease: pb.Lease, identity: Identity, checkpoint: Path, state: IslandState) -> str:
+    """Upload, then check that the coordinator signed exactly this file; returns its sha256."""
+    with transfer_bar() as bar:
+        size = checkpoint.stat().st_size
+        report = upload_checkpoint(
+            conn, lease.lease_id, checkpoint, on_bytes=bar_callback(bar, f"upload expert {lease.expert_id}", size)
+        )
+    if report.resumed_from:
+        console.print(f"upload resumed from committed offset {report.resumed_from}", highlight=False)
+    reply = report.reply
+    verify_signature(identity.public_key, reply.entry_json, reply.signature, f"expert {lease.expert_id}'s entry")
+    entry = json.loads(reply.entry_json)
+    if entry.get("sha256") != report.sha256 or entry.get("expert_id") != lease.expert_id:
+        raise TrustError("the coordinator signed an entry for another file or expert")
+    state.signed.mkdir(parents=True, exist_ok=True)
+    os.replace(checkpoint, state.signed / f"expert-{lease.expert_id}.safetensors")
+    (state.signed / f"expert-{lease.expert_id}.entry.json").write_bytes(reply.entry_json)
+    (state.signed / f"expert-{lease.expert_id}.sig").write_text(base64.b64encode(reply.signature).decode())
+    shutil.rmtree(state.work(lease.expert_id), ignore_errors=True)
+    return report.sha256
+
+
+def run_island(opts: JoinOptions) -> int:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClientError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
+    state = IslandState(opts.state_dir)
+    identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint)
+    conn = Connection(opts.coordinator, identity.credential)
+    try:
+        while True:
+            reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=opts.dataset or ""))
+            if reply.WhichOneof("result") == "no_work":
+                console.print(f"no work: {reply.no_work.reason}", highlight=False)
+                if reply.no_work.finished or opts.once:
+                    return 0
+                time.sleep(max(1, reply.no_work.retry_after_s))
+                continue
+            lease = reply.lease
+            console.print(
+                f"lease {lease.lease_id}: expert {lease.expert_id} on cluster {lease.cluster_id}",
+                highlight=False,
+            )
+            data = fetch_data(conn, lease, state, opts.dataset)
+            heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)
+            heartbeat.start()  # beats through training and upload alike
+            try:
+                checkpoint = train_lease(heartbeat, lease, state, data, opts)
+                digest = upload_lease(conn, lease, identity, checkpoint, state)
+            except LeaseLost as lost:
+                console.print(f"[yellow]{lost}[/yellow]", highlight=False)
+                if opts.once:
+                    return 1
+                continue
+            finally:
+                heartbeat.stop()
+            console.print(f"expert {lease.expert_id} signed by the coordinator ({digest[:12]})", highlight=False)
+            if opts.once:
+                return 0
+    finally:
+        conn.close()

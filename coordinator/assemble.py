@@ -1,0 +1,140 @@
+"""Router training and ensemble publication, done by the coordinator itself.
+
+Once every expert is signed (or on `ddm-coordinator assemble`, with the experts signed so
+far, at least two), the coordinator trains the router on the clustered dataset with ddm_model,
+stores it as an artifact and publishes a manifest that names the router and the experts by
+sha256, signed as a whole. Router training keeps resume state under HOME/work, so a
+coordinator restarted mid-way continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import threading
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from ddm_model.clustering import Clustering
+from ddm_model.data import load_dataset
+from ddm_model.errors import DDMError
+from ddm_model.router import RouterConfig, accuracy_by_time
+from ddm_model.train import TrainConfig, train_router
+
+from .home import CoordinatorConfig, Home
+from .keys import SigningKey
+from .registry import Registry
+from .store import Store
+
+log = logging.getLogger("ddm.coordinator")
+MANIFEST_FORMAT = "ddm.ensemble/1"
+
+
+class AssembleError(DDMError):
+    """An ensemble that cannot be assembled now; the message says why."""
+
+
+class Assembler:
+    def __init__(self, home: Home, config: CoordinatorConfig, registry: Registry, store: Store, key: SigningKey):
+        self.home = home
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.key = key
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def request(self) -> None:
+        """Assemble in a background thread unless one is already at it."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run_logged, name="assemble", daemon=True)
+            self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_logged(self) -> None:
+        try:
+            ensemble_id = self.run(progress=False)
+            log.info("published ensemble %d", ensemble_id)
+        except DDMError as exc:
+            log.error("assembly failed: %s", exc)
+        except Exception:
+            log.exception("assembly failed")
+
+    def run(self, progress: Progress | bool = True) -> int:
+        """Train the router over the signed experts and publish the ensemble; returns its id."""
+        signed = [e for e in self.registry.experts() if e.state == "signed"]
+        if len(signed) < 2:
+            raise AssembleError(f"an ensemble needs at least 2 signed experts; {len(signed)} are signed")
+        router_train = TrainConfig.from_dict(self.config.router_train)
+        ensemble_id = self.registry.start_ensemble(len(signed), router_train.steps)
+        try:
+            return self._assemble(ensemble_id, signed, router_train, progress)
+        except BaseException as exc:
+            self.registry.fail_ensemble(ensemble_id, str(exc) or type(exc).__name__)
+            raise
+
+    def _assemble(self, ensemble_id: int, signed: list, router_train: TrainConfig, progress) -> int:
+        dataset = load_dataset(self.config.dataset, image_size=self.config.image_size)
+        if dataset.fingerprint() != self.config.dataset_fingerprint:
+            raise AssembleError(f"the dataset at {self.config.dataset} changed since init (fingerprint differs)")
+        clustering = Clustering.load(self.home.clustering_path)
+        # Router output i is the i-th signed expert, whatever its cluster id.
+        clusters = [e.cluster_id for e in signed]
+        ids = np.concatenate([clustering.members(c) for c in clusters])
+        labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
+        order = np.argsort(ids, kind="stable")
+        subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
+        targets = torch.from_numpy(labels[order])
+        router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
+        result = train_router(
+            subset,
+            targets,
+            router_cfg,
+            router_train,
+            checkpoint_dir=self.home.work / ("router-" + "-".join(map(str, clusters))),
+            progress=progress,
+            description="router",
+            on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
+        )
+        accuracy = accuracy_by_time(result.model, subset.images, targets, bins=5, seed=router_train.seed)
+        staged = self.home.work / f"router-{ensemble_id}.safetensors"
+        result.export(
+            staged,
+            subset.fingerprint(),
+            metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
+        )
+        router_sha, router_size = self.store.add_file(staged, move=True)
+        experts = [
+            {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
+        ]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "ensemble_id": ensemble_id,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {"name": self.config.dataset, "fingerprint": self.config.dataset_fingerprint},
+            "clustering_sha256": self.config.clustering["sha256"],
+            "router": {
+                "sha256": router_sha,
+                "size": router_size,
+                "config": router_cfg.to_dict(),
+                "steps": result.steps,
+                "flops": result.flops,
+                "metrics": {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
+                "clusters": clusters,
+            },
+            "experts": experts,
+        }
+        manifest_json, signature = self.key.sign(manifest)
+        self.registry.publish_ensemble(
+            ensemble_id, router_sha, router_size, [e.checkpoint_sha256 for e in signed], manifest_json, signature
+        )
+        return ensemble_id

@@ -1,0 +1,101 @@
+"""The server interceptor that authenticates every RPC but Enroll.
+
+It reads ``authorization: Bearer <island id>.<secret>`` from the call's metadata, checks it
+against the registry (constant-time hash comparison), checks the caller's role, and hands the
+servicer an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED or
+PERMISSION_DENIED with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from protocol import auth
+
+from .registry import Island, Registry
+
+SERVICE = "/ddm.v1.Coordinator/"
+PUBLIC = {SERVICE + "Enroll"}
+READER_ALLOWED = {SERVICE + name for name in ("GetManifest", "Download", "Status")}
+TOUCH_EVERY_S = 2.0
+
+
+class AuthedContext:
+    """A servicer context that also names the authenticated island."""
+
+    def __init__(self, context: grpc.ServicerContext, island: Island):
+        self._context = context
+        self.island = island
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+def _same_kind(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _inner(handler: grpc.RpcMethodHandler):
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._touched: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in PUBLIC:
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        parsed = auth.parse(metadata.get(auth.METADATA_KEY))
+        island = self.registry.authenticate(*parsed) if parsed else None
+        if island is None:
+            return self._refuse(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid credential; enroll with an invite token (ddm-client join --token ...)",
+            )
+        if island.role != "island" and method not in READER_ALLOWED:
+            return self._refuse(
+                handler, grpc.StatusCode.PERMISSION_DENIED, f"a {island.role} identity may not call {method}"
+            )
+        self._touch(island.id)
+        behaviour = _inner(handler)
+
+        def authed(request, context):
+            return behaviour(request, AuthedContext(context, island))
+
+        return _same_kind(handler, authed)
+
+    def _touch(self, island_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._touched.get(island_id, 0.0) < TOUCH_EVERY_S:
+                return
+            self._touched[island_id] = now
+        self.registry.touch(island_id)
+
+    @staticmethod
+    def _refuse(handler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+        def refuse(request, context):
+            context.abort(code, message)
+
+        return _same_kind(handler, refuse)

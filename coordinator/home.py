@@ -1,0 +1,107 @@
+"""The coordinator's home folder and its configuration.
+
+    HOME/config.json           what `init` decided: dataset, experts, model and training settings
+    HOME/signing_key.pem       the Ed25519 signing key (mode 0600)
+    HOME/ddm.db                the SQLite registry (unless config names another database URL)
+    HOME/clustering.safetensors
+    HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
+    HOME/staging/<upload id>   uploads in progress
+    HOME/work/                 the coordinator's own training state (the router)
+
+``--home`` defaults to $DDM_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ddm_model.errors import DDMError
+from ddm_model.fsutil import atomic_path
+
+CONFIG_FORMAT = "ddm.coordinator/1"
+
+
+class HomeError(DDMError):
+    """A coordinator home that is missing, already initialised or unreadable."""
+
+
+def resolve_home(home: Path | None) -> Path:
+    if home is not None:
+        return home
+    env = os.environ.get("DDM_HOME")
+    if not env:
+        raise HomeError("no coordinator home: pass --home DIR or set DDM_HOME")
+    return Path(env)
+
+
+@dataclass
+class CoordinatorConfig:
+    dataset: str  # "digits", an .npz file or an image folder
+    dataset_fingerprint: str
+    image_size: int | None
+    experts: int
+    clustering: dict  # method, features, seed, fine, sha256
+    model: dict  # DiTConfig.to_dict()
+    train: dict  # TrainConfig.to_dict() given to every island
+    router_model: dict  # RouterConfig.to_dict()
+    router_train: dict  # TrainConfig.to_dict() for the coordinator's router run
+    lease_seconds: float = 120.0
+    heartbeat_seconds: float = 10.0
+    max_upload_bytes: int = 0  # 0: the expected checkpoint size plus 1 MiB of header room
+    database_url: str = ""  # "": SQLite at HOME/ddm.db
+
+    def to_json(self) -> str:
+        return json.dumps({"format": CONFIG_FORMAT, **asdict(self)}, indent=2, sort_keys=True)
+
+
+class Home:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / "signing_key.pem"
+
+    @property
+    def clustering_path(self) -> Path:
+        return self.root / "clustering.safetensors"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def database_url(self, config: CoordinatorConfig) -> str:
+        return config.database_url or f"sqlite:///{self.root / 'ddm.db'}"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def load_config(self) -> CoordinatorConfig:
+        if not self.config_path.exists():
+            raise HomeError(f"{self.root} is not a coordinator home (no config.json); run `ddm-coordinator init` first")
+        try:
+            data = json.loads(self.config_path.read_text())
+            if data.pop("format", None) != CONFIG_FORMAT:
+                raise ValueError(f"format {CONFIG_FORMAT} expected")
+            return CoordinatorConfig(**data)
+        except (ValueError, TypeError) as exc:
+            raise HomeError(f"{self.config_path} is not a valid coordinator config: {exc}") from None
+
+    def save_config(self, config: CoordinatorConfig) -> None:
+        with atomic_path(self.config_path) as tmp:
+            tmp.write_text(config.to_json())

@@ -1,0 +1,648 @@
+"""The coordinator's registry: islands, invites, experts, leases, uploads, artifacts, ensembles
+and an append-only event log, in SQL through SQLAlchemy 2.0.
+
+SQLite in WAL mode (synchronous=FULL, so a committed row survives a crash) is the default; any
+SQLAlchemy URL works. Every operation is one transaction. Changes that race (two islands
+asking for work, a chunk arriving twice) are conditional UPDATEs checked by row count, so
+they stay correct on any database and with several coordinator threads.
+
+Errors carry a ``code`` that the gRPC service maps to a status code; this module knows
+nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ddm_model.errors import DDMError
+
+EXPERT_STATES = ("open", "leased", "training", "uploading", "uploaded", "verified", "signed")
+ROLES = ("island", "reader")
+
+
+class RegistryError(DDMError):
+    """A request the registry refuses; ``code`` names the kind of refusal."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Island(Base):
+    __tablename__ = "islands"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Invite(Base):
+    __tablename__ = "invites"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    island_id: Mapped[str | None] = mapped_column(ForeignKey("islands.id"), nullable=True)
+
+
+class Expert(Base):
+    __tablename__ = "experts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cluster_id: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="open")
+    shard_sha256: Mapped[str] = mapped_column(String(64))
+    shard_fingerprint: Mapped[str] = mapped_column(String(64))
+    island_id: Mapped[str | None] = mapped_column(ForeignKey("islands.id"), nullable=True)
+    step: Mapped[int] = mapped_column(BigInteger, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    images_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    entry_json: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"))
+    island_id: Mapped[str] = mapped_column(ForeignKey("islands.id"))
+    state: Mapped[str] = mapped_column(String(16), default="active")  # active, expired, released, completed
+    issued_at: Mapped[float] = mapped_column(Float)
+    deadline_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Upload(Base):
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    lease_id: Mapped[str] = mapped_column(ForeignKey("leases.id"))
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"))
+    island_id: Mapped[str] = mapped_column(ForeignKey("islands.id"))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    committed_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    chunks: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="open")  # open, complete, rejected
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # shard, clustering, expert, router
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+    published: Mapped[bool] = mapped_column(Boolean, default=False)  # part of a published ensemble
+
+
+class Ensemble(Base):
+    __tablename__ = "ensembles"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    state: Mapped[str] = mapped_column(String(16))  # training, published, failed
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    experts: Mapped[int] = mapped_column(Integer)
+    router_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    router_steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    router_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    manifest_json: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    island_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    expert_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease as handed to an island."""
+
+    lease_id: str
+    expert_id: int
+    cluster_id: int
+    shard_sha256: str
+    shard_fingerprint: str
+    deadline_at: float
+    renewed: bool  # the island already held it
+
+
+@dataclass(frozen=True)
+class NoWork:
+    reason: str
+    finished: bool
+
+
+class Registry:
+    def __init__(self, url: str, lease_seconds: float = 120.0):
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self.engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create(self) -> None:
+        Base.metadata.create_all(self.engine)
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                for op in ("UPDATE", "DELETE"):
+                    conn.execute(
+                        text(
+                            f"CREATE TRIGGER IF NOT EXISTS events_no_{op.lower()} BEFORE {op} ON events "
+                            "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
+                        )
+                    )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self.Session.begin() as session:
+            yield session
+
+    @staticmethod
+    def log(session: Session, kind: str, island_id: str | None = None, expert_id: int | None = None, **detail) -> None:
+        session.add(
+            Event(at=time.time(), kind=kind, island_id=island_id, expert_id=expert_id, detail=json.dumps(detail))
+        )
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def add_experts(self, rows: list[tuple[int, str, str]]) -> None:
+        """(cluster id, shard sha256, shard fingerprint) per expert; expert id = cluster id."""
+        now = time.time()
+        with self.transaction() as s:
+            for cluster_id, shard, fingerprint in rows:
+                s.add(
+                    Expert(
+                        id=cluster_id,
+                        cluster_id=cluster_id,
+                        state="open",
+                        shard_sha256=shard,
+                        shard_fingerprint=fingerprint,
+                        updated_at=now,
+                    )
+                )
+            self.log(s, "init", experts=len(rows))
+
+    def add_artifact(self, sha256: str, kind: str, size: int, session: Session | None = None) -> None:
+        def add(s: Session) -> None:
+            if s.get(Artifact, sha256) is None:
+                s.add(Artifact(sha256=sha256, kind=kind, size=size, created_at=time.time(), published=False))
+
+        if session is not None:
+            add(session)
+        else:
+            with self.transaction() as s:
+                add(s)
+
+    def artifact(self, sha256: str) -> Artifact | None:
+        with self.Session() as s:
+            return s.get(Artifact, sha256)
+
+    # -- invites and identity ---------------------------------------------------------------
+
+    def create_invite(self, role: str, ttl_seconds: float) -> str:
+        if role not in ROLES:
+            raise RegistryError("invalid_argument", f"unknown role {role!r}; use {' or '.join(ROLES)}")
+        token = "ddm_" + secrets.token_urlsafe(24)
+        now = time.time()
+        with self.transaction() as s:
+            s.add(Invite(token_hash=_hash(token), role=role, created_at=now, expires_at=now + ttl_seconds))
+            self.log(s, "invite", role=role, expires_at=now + ttl_seconds)
+        return token
+
+    def redeem_invite(self, token: str, name: str) -> tuple[Island, str]:
+        """Trade a token for a new island and its credential ("<id>.<secret>")."""
+        now = time.time()
+        with self.transaction() as s:
+            invite = s.get(Invite, _hash(token))
+            if invite is None:
+                raise RegistryError("unauthenticated", "invalid invite token; ask the coordinator for a new one")
+            if invite.used_at is not None:
+                raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
+            if invite.expires_at < now:
+                raise RegistryError("unauthenticated", "this invite token has expired; ask for a new one")
+            island_id = uuid.uuid4().hex[:16]
+            secret = secrets.token_urlsafe(32)
+            island = Island(
+                id=island_id,
+                name=name[:200],
+                role=invite.role,
+                secret_hash=_hash(secret),
+                created_at=now,
+                last_seen_at=now,
+                bytes_received=0,
+            )
+            s.add(island)
+            s.flush()
+            claimed = s.execute(
+                update(Invite)
+                .where(Invite.token_hash == invite.token_hash, Invite.used_at.is_(None))
+                .values(used_at=now, island_id=island_id)
+            ).rowcount
+            if claimed != 1:  # another enrollment won the race: roll the new island back
+                raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
+            self.log(s, "enroll", island_id=island_id, name=name[:200], role=invite.role)
+        return island, f"{island_id}.{secret}"
+
+    def authenticate(self, island_id: str, secret: str) -> Island | None:
+        with self.Session() as s:
+            island = s.get(Island, island_id)
+        if island is None or not hmac.compare_digest(island.secret_hash, _hash(secret)):
+            return None
+        return island
+
+    def touch(self, island_id: str) -> None:
+        with self.transaction() as s:
+            s.execute(update(Island).where(Island.id == island_id).values(last_seen_at=time.time()))
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def acquire_lease(self, island_id: str) -> Grant | NoWork:
+        """The island's active lease (deadline renewed), else an open expert: preferably one
+        this island held before (its local progress survives), else the lowest id."""
+        now = time.time()
+        deadline = now + self.lease_seconds
+        with self.transaction() as s:
+            self._expire(s, now)
+            held = s.scalars(select(Lease).where(Lease.island_id == island_id, Lease.state == "active")).first()
+            if held is not None:
+                held.deadline_at = deadline
+                expert = s.get(Expert, held.expert_id)
+                self.log(s, "lease_renewed", island_id, expert.id, lease_id=held.id)
+                return self._grant(held, expert, renewed=True)
+            previous = select(Lease.expert_id).where(Lease.island_id == island_id)
+            candidates = s.scalars(
+                select(Expert).where(Expert.state == "open").order_by(Expert.id.in_(previous).desc(), Expert.id)
+            ).all()
+            for expert in candidates:
+                taken = s.execute(
+                    update(Expert)
+                    .where(Expert.id == expert.id, Expert.state == "open")
+                    .values(state="leased", island_id=island_id, step=0, loss=None, updated_at=now)
+                ).rowcount
+                if taken != 1:
+                    continue
+                lease = Lease(
+                    id=uuid.uuid4().hex[:16],
+                    expert_id=expert.id,
+                    island_id=island_id,
+                    state="active",
+                    issued_at=now,
+                    deadline_at=deadline,
+                )
+                s.add(lease)
+                s.flush()
+                self.log(s, "lease", island_id, expert.id, lease_id=lease.id)
+                return self._grant(lease, expert, renewed=False)
+            states = [e.state for e in s.scalars(select(Expert)).all()]
+            if all(state == "signed" for state in states):
+                return NoWork("every expert is trained and signed", finished=True)
+            return NoWork("every unfinished expert is leased to another island", finished=False)
+
+    @staticmethod
+    def _grant(lease: Lease, expert: Expert, renewed: bool) -> Grant:
+        return Grant(
+            lease.id,
+            expert.id,
+            expert.cluster_id,
+            expert.shard_sha256,
+            expert.shard_fingerprint,
+            lease.deadline_at,
+            renewed,
+        )
+
+    def _active_lease(self, s: Session, island_id: str, lease_id: str) -> Lease:
+        lease = s.get(Lease, lease_id)
+        if lease is None or lease.island_id != island_id:
+            raise RegistryError("permission_denied", f"lease {lease_id} is not held by this island")
+        if lease.state != "active":
+            raise RegistryError(
+                "failed_precondition",
+                f"lease {lease_id} is {lease.state}; acquire a new lease (the expert may have gone to another island)",
+            )
+        return lease
+
+    def heartbeat(self, island_id: str, lease_id: str, step: int, loss: float, rate: float) -> float:
+        now = time.time()
+        with self.transaction() as s:
+            self._expire(s, now)
+            lease = self._active_lease(s, island_id, lease_id)
+            lease.deadline_at = now + self.lease_seconds
+            lease.last_heartbeat_at = now
+            expert = s.get(Expert, lease.expert_id)
+            expert.step, expert.updated_at = step, now
+            expert.loss = loss if loss == loss else None  # NaN before the first log window
+            expert.images_per_second = rate
+            if expert.state == "leased" and step > 0:
+                expert.state = "training"
+            return lease.deadline_at
+
+    def release_lease(self, island_id: str, lease_id: str, reason: str) -> None:
+        with self.transaction() as s:
+            lease = self._active_lease(s, island_id, lease_id)
+            lease.state = "released"
+            self._reopen(s, lease.expert_id)
+            self.log(s, "lease_released", island_id, lease.expert_id, lease_id=lease_id, reason=reason[:500])
+
+    def expire_leases(self) -> int:
+        with self.transaction() as s:
+            return self._expire(s, time.time())
+
+    def _expire(self, s: Session, now: float) -> int:
+        stale = s.scalars(select(Lease).where(Lease.state == "active", Lease.deadline_at < now)).all()
+        for lease in stale:
+            lease.state = "expired"
+            self._reopen(s, lease.expert_id)
+            self.log(s, "lease_expired", lease.island_id, lease.expert_id, lease_id=lease.id)
+        return len(stale)
+
+    @staticmethod
+    def _reopen(s: Session, expert_id: int) -> None:
+        s.execute(
+            update(Expert)
+            .where(Expert.id == expert_id, Expert.state.in_(("leased", "training", "uploading")))
+            .values(state="open", updated_at=time.time())
+        )
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    def begin_upload(self, island_id: str, lease_id: str, size: int, sha256: str, quota: int) -> Upload:
+        """The open upload of this island, expert and file if there is one (resume), else a new one."""
+        if size <= 0:
+            raise RegistryError("invalid_argument", f"upload size must be positive, got {size}")
+        if size > quota:
+            raise RegistryError(
+                "resource_exhausted", f"upload of {size} bytes exceeds this expert's quota of {quota} bytes"
+            )
+        now = time.time()
+        with self.transaction() as s:
+            lease = self._active_lease(s, island_id, lease_id)
+            existing = s.scalars(
+                select(Upload).where(
+                    Upload.island_id == island_id,
+                    Upload.expert_id == lease.expert_id,
+                    Upload.sha256 == sha256,
+                    Upload.size == size,
+                    Upload.state == "open",
+                )
+            ).first()
+            lease.deadline_at = now + self.lease_seconds
+            s.execute(update(Expert).where(Expert.id == lease.expert_id).values(state="uploading", updated_at=now))
+            if existing is not None:
+                existing.lease_id = lease.id
+                return existing
+            upload = Upload(
+                id=uuid.uuid4().hex[:16],
+                lease_id=lease.id,
+                expert_id=lease.expert_id,
+                island_id=island_id,
+                size=size,
+                sha256=sha256,
+                committed_offset=0,
+                chunks=0,
+                bytes_received=0,
+                state="open",
+                reason="",
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(upload)
+            s.flush()
+            self.log(s, "upload_begin", island_id, lease.expert_id, upload_id=upload.id, size=size, sha256=sha256)
+            return upload
+
+    def upload_for(self, island_id: str, upload_id: str) -> Upload:
+        with self.Session() as s:
+            upload = s.get(Upload, upload_id)
+        if upload is None or upload.island_id != island_id:
+            raise RegistryError("not_found", f"no upload {upload_id} for this island")
+        return upload
+
+    def commit_chunk(self, island_id: str, upload: Upload, offset: int, length: int) -> int:
+        """Record that bytes [offset, offset + length) are durably in the staging file."""
+        now = time.time()
+        with self.transaction() as s:
+            lease = self._active_lease(s, island_id, upload.lease_id)
+            moved = s.execute(
+                update(Upload)
+                .where(Upload.id == upload.id, Upload.committed_offset == offset, Upload.state == "open")
+                .values(
+                    committed_offset=offset + length,
+                    chunks=Upload.chunks + 1,
+                    bytes_received=Upload.bytes_received + length,
+                    updated_at=now,
+                )
+            ).rowcount
+            if moved != 1:
+                current = s.get(Upload, upload.id)
+                raise RegistryError(
+                    "failed_precondition",
+                    f"chunk at offset {offset} does not follow the committed offset {current.committed_offset}",
+                )
+            lease.deadline_at = now + self.lease_seconds
+            s.execute(
+                update(Island).where(Island.id == island_id).values(bytes_received=Island.bytes_received + length)
+            )
+            return offset + length
+
+    def reject_upload(self, upload_id: str, reason: str) -> None:
+        with self.transaction() as s:
+            upload = s.get(Upload, upload_id)
+            upload.state, upload.reason, upload.updated_at = "rejected", reason[:2000], time.time()
+            s.execute(
+                update(Expert)
+                .where(Expert.id == upload.expert_id, Expert.state.in_(("uploading", "uploaded")))
+                .values(state="training")
+            )
+            self.log(s, "upload_rejected", upload.island_id, upload.expert_id, upload_id=upload_id, reason=reason[:500])
+
+    def mark_uploaded(self, upload: Upload) -> None:
+        with self.transaction() as s:
+            s.execute(update(Expert).where(Expert.id == upload.expert_id).values(state="uploaded"))
+            self.log(s, "uploaded", upload.island_id, upload.expert_id, upload_id=upload.id, sha256=upload.sha256)
+
+    def register_expert(self, island_id: str, upload: Upload, size: int, entry_json: bytes, signature: bytes) -> bool:
+        """Register a verified, signed checkpoint; True when every expert is now signed."""
+        now = time.time()
+        with self.transaction() as s:
+            lease = self._active_lease(s, island_id, upload.lease_id)
+            self.add_artifact(upload.sha256, "expert", size, session=s)
+            self.log(s, "verified", island_id, upload.expert_id, sha256=upload.sha256)
+            s.execute(
+                update(Expert)
+                .where(Expert.id == upload.expert_id)
+                .values(
+                    state="signed",
+                    island_id=island_id,
+                    checkpoint_sha256=upload.sha256,
+                    entry_json=entry_json,
+                    signature=signature,
+                    updated_at=now,
+                )
+            )
+            s.execute(update(Upload).where(Upload.id == upload.id).values(state="complete", updated_at=now))
+            lease.state = "completed"
+            self.log(s, "signed", island_id, upload.expert_id, sha256=upload.sha256)
+            unsigned = s.scalar(select(func.count()).select_from(Expert).where(Expert.state != "signed"))
+            return unsigned == 0
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def experts(self) -> list[Expert]:
+        with self.Session() as s:
+            return list(s.scalars(select(Expert).order_by(Expert.id)).all())
+
+    def expert(self, expert_id: int) -> Expert:
+        with self.Session() as s:
+            return s.get(Expert, expert_id)
+
+    def lease(self, lease_id: str) -> Lease | None:
+        with self.Session() as s:
+            return s.get(Lease, lease_id)
+
+    def readable_by(self, island: Island, sha256: str) -> bool:
+        """Shards go to the island leasing them; published artifacts to any enrolled identity."""
+        with self.Session() as s:
+            artifact = s.get(Artifact, sha256)
+            if artifact is not None and artifact.published:
+                return True
+            lease = s.scalars(select(Lease).where(Lease.island_id == island.id, Lease.state == "active")).first()
+            return lease is not None and s.get(Expert, lease.expert_id).shard_sha256 == sha256
+
+    # -- ensembles --------------------------------------------------------------------------
+
+    def start_ensemble(self, experts: int, router_steps: int) -> int:
+        now = time.time()
+        with self.transaction() as s:
+            running = s.scalars(select(Ensemble).where(Ensemble.state == "training")).first()
+            if running is not None:
+                raise RegistryError("failed_precondition", f"ensemble {running.id} is already being assembled")
+            ensemble = Ensemble(
+                state="training", created_at=now, updated_at=now, experts=experts, router_steps=router_steps, reason=""
+            )
+            s.add(ensemble)
+            s.flush()
+            self.log(s, "assemble", ensemble_id=ensemble.id, experts=experts)
+            return ensemble.id
+
+    def ensemble_progress(self, ensemble_id: int, step: int) -> None:
+        with self.transaction() as s:
+            s.execute(
+                update(Ensemble).where(Ensemble.id == ensemble_id).values(router_step=step, updated_at=time.time())
+            )
+
+    def publish_ensemble(
+        self,
+        ensemble_id: int,
+        router_sha256: str,
+        router_size: int,
+        expert_sha256s: list[str],
+        manifest: bytes,
+        signature: bytes,
+    ) -> None:
+        with self.transaction() as s:
+            self.add_artifact(router_sha256, "router", router_size, session=s)
+            s.flush()
+            s.execute(
+                update(Artifact).where(Artifact.sha256.in_([router_sha256, *expert_sha256s])).values(published=True)
+            )
+            ensemble = s.get(Ensemble, ensemble_id)
+            ensemble.state, ensemble.updated_at = "published", time.time()
+            ensemble.router_sha256, ensemble.manifest_json, ensemble.signature = router_sha256, manifest, signature
+            ensemble.router_step = ensemble.router_steps
+            self.log(s, "published", ensemble_id=ensemble_id, router=router_sha256)
+
+    def fail_ensemble(self, ensemble_id: int, reason: str) -> None:
+        with self.transaction() as s:
+            ensemble = s.get(Ensemble, ensemble_id)
+            ensemble.state, ensemble.reason, ensemble.updated_at = "failed", reason[:2000], time.time()
+            self.log(s, "assemble_failed", ensemble_id=ensemble_id, reason=reason[:500])
+
+    def latest_published(self) -> Ensemble | None:
+        with self.Session() as s:
+            return s.scalars(select(Ensemble).where(Ensemble.state == "published").order_by(Ensemble.id.desc())).first()
+
+    def snapshot(self) -> dict:
+        """Every table but the event log, as plain rows: what status shows and tests compare."""
+        with self.Session() as s:
+
+            def rows(model):
+                return [
+                    {c.name: getattr(r, c.name) for c in model.__table__.columns}
+                    for r in s.scalars(select(model)).all()
+                ]
+
+            return {
+                "islands": rows(Island),
+                "invites": rows(Invite),
+                "experts": rows(Expert),
+                "leases": rows(Lease),
+                "uploads": rows(Upload),
+                "artifacts": rows(Artifact),
+                "ensembles": rows(Ensemble),
+            }
+
+    def events(self) -> list[Event]:
+        with self.Session() as s:
+            return list(s.scalars(select(Event).order_by(Event.id)).all())
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,84 @@
+"""`ddm-coordinator serve`: the gRPC server, its lease reaper and the assembly trigger."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from protocol import ddm_pb2_grpc
+from protocol.limits import SERVER_OPTIONS, SERVER_WORKERS
+
+from .assemble import Assembler
+from .auth import AuthInterceptor
+from .home import Home, HomeError
+from .keys import SigningKey
+from .registry import Registry
+from .service import CoordinatorService
+from .store import Store
+
+log = logging.getLogger("ddm.coordinator")
+REAP_EVERY_S = 1.0
+
+
+class CoordinatorServer:
+    def __init__(self, home: Home, listen: str):
+        self.home = home
+        self.config = home.load_config()
+        self.key = SigningKey.load(home.key_path)
+        self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+        self.registry.create()  # no-op on an existing registry
+        self.store = Store(home.artifacts, home.staging)
+        self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
+        self.service = CoordinatorService(
+            home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
+        )
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=SERVER_WORKERS),
+            interceptors=[AuthInterceptor(self.registry)],
+            options=SERVER_OPTIONS,
+        )
+        ddm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        try:
+            self.port = self.server.add_insecure_port(listen)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
+
+    def start(self) -> None:
+        self.server.start()
+        self._reaper.start()
+        self._resume_assembly()
+
+    def _resume_assembly(self) -> None:
+        """After a restart: finish an interrupted assembly, or start one that is due."""
+        snapshot = self.registry.snapshot()
+        interrupted = [e for e in snapshot["ensembles"] if e["state"] == "training"]
+        for e in interrupted:
+            self.registry.fail_ensemble(e["id"], "interrupted by a coordinator restart; assembling again")
+        all_signed = all(e["state"] == "signed" for e in snapshot["experts"])
+        published = any(e["state"] == "published" for e in snapshot["ensembles"])
+        if all_signed and (interrupted or not published):
+            self.assembler.request()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(REAP_EVERY_S):
+            try:
+                expired = self.registry.expire_leases()
+                if expired:
+                    log.info("%d lease(s) expired; their experts are open again", expired)
+            except Exception:
+                log.exception("lease reaper")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        self.server.stop(grace).wait()
+        self.registry.close()

@@ -1,0 +1,341 @@
+"""The coordinator's gRPC service: enrollment, leases, heartbeats, uploads with validation and
+signing, the manifest, downloads and status.
+
+Each RPC is a thin translation between protocol messages and the registry, the store and
+the signing key. Refusals use gRPC status codes with messages that say what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from ddm_model.checkpoint import CheckpointError, verify_checkpoint
+from ddm_model.clustering import Clustering
+from protocol import ddm_pb2 as pb
+from protocol import ddm_pb2_grpc
+from protocol.limits import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from protocol.trust import is_sha256, sha256_file
+
+from .bootstrap import lease_train_config
+from .home import CoordinatorConfig, Home
+from .keys import SigningKey
+from .registry import Grant, Registry, RegistryError
+from .status import build_status
+from .store import Store
+
+log = logging.getLogger("ddm.coordinator")
+
+CODES = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "data_loss": grpc.StatusCode.DATA_LOSS,
+    "out_of_range": grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def refuse(context, code: str, message: str):
+    raise Refused(code, message)
+
+
+def _abort(context, method: str, exc: Exception):
+    """End the call with the status a refusal names; anything unexpected is INTERNAL and logged."""
+    island = getattr(context, "island", None)
+    who = f" (island {island.id})" if island else ""
+    if isinstance(exc, (Refused, RegistryError)):
+        log.warning("%s refused%s: %s", method, who, exc)
+        context.abort(CODES[exc.code], str(exc))
+    log.error("%s failed%s", method, who, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
+
+
+def rpc(method):
+    """Run an RPC; refusals become their gRPC status, unexpected errors INTERNAL."""
+
+    def wrapped(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, method.__name__, exc)
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+def streaming_rpc(method):
+    """The same for an RPC that streams its reply (a generator)."""
+
+    def wrapped(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            _abort(context, method.__name__, exc)
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        home: Home,
+        config: CoordinatorConfig,
+        registry: Registry,
+        store: Store,
+        key: SigningKey,
+        on_all_signed: Callable[[], None] = lambda: None,
+    ):
+        self.home = home
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.key = key
+        self.on_all_signed = on_all_signed
+        self.clustering = Clustering.load(home.clustering_path)
+        self._complete_lock = threading.Lock()
+
+    # -- identity and leases ------------------------------------------------------------------
+
+    @rpc
+    def Enroll(self, request, context):
+        island, credential = self.registry.redeem_invite(request.token, request.name)
+        log.info("enrolled island %s (%s) as %s", island.id, request.name, island.role)
+        return pb.EnrollReply(
+            island_id=island.id,
+            credential=credential,
+            role=island.role,
+            coordinator_public_key=self.key.public_bytes,
+            key_fingerprint=self.key.fingerprint,
+        )
+
+    @rpc
+    def AcquireLease(self, request, context):
+        grant = self.registry.acquire_lease(context.island.id)
+        if not isinstance(grant, Grant):
+            return pb.AcquireLeaseReply(
+                no_work=pb.NoWork(
+                    reason=grant.reason, finished=grant.finished, retry_after_s=int(self.config.heartbeat_seconds)
+                )
+            )
+        log.info(
+            "%s lease %s: expert %d to island %s",
+            "renewed" if grant.renewed else "granted",
+            grant.lease_id,
+            grant.expert_id,
+            context.island.id,
+        )
+        lease = pb.Lease(
+            lease_id=grant.lease_id,
+            expert_id=grant.expert_id,
+            cluster_id=grant.cluster_id,
+            model_config_json=json.dumps(self.config.model),
+            train_config_json=json.dumps(lease_train_config(self.config, grant.expert_id).to_dict()),
+            deadline_unix_ms=int(grant.deadline_at * 1000),
+            heartbeat_interval_s=max(1, int(self.config.heartbeat_seconds)),
+            shard_fingerprint=grant.shard_fingerprint,
+        )
+        if request.local_dataset:
+            lease.index_list.CopyFrom(
+                pb.IndexList(
+                    dataset=self.config.dataset,
+                    dataset_fingerprint=self.config.dataset_fingerprint,
+                    ids=self.clustering.members(grant.cluster_id).tolist(),
+                )
+            )
+        else:
+            artifact = self.registry.artifact(grant.shard_sha256)
+            lease.shard.CopyFrom(pb.Shard(sha256=grant.shard_sha256, size=artifact.size))
+        return pb.AcquireLeaseReply(lease=lease)
+
+    @rpc
+    def Heartbeat(self, request, context):
+        deadline = self.registry.heartbeat(
+            context.island.id, request.lease_id, request.step, request.loss, request.images_per_second
+        )
+        return pb.HeartbeatReply(deadline_unix_ms=int(deadline * 1000))
+
+    @rpc
+    def ReleaseLease(self, request, context):
+        self.registry.release_lease(context.island.id, request.lease_id, request.reason)
+        log.info("island %s released lease %s: %s", context.island.id, request.lease_id, request.reason)
+        return pb.ReleaseLeaseReply()
+
+    # -- uploads --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state(upload) -> pb.UploadState:
+        return pb.UploadState(
+            upload_id=upload.id,
+            committed_offset=upload.committed_offset,
+            size=upload.size,
+            sha256=upload.sha256,
+            state=upload.state,
+        )
+
+    @rpc
+    def BeginUpload(self, request, context):
+        if not is_sha256(request.sha256):
+            refuse(context, "invalid_argument", "sha256 must be 64 lowercase hex characters")
+        upload = self.registry.begin_upload(
+            context.island.id, request.lease_id, request.size, request.sha256, self.config.max_upload_bytes
+        )
+        return self._state(upload)
+
+    @rpc
+    def UploadChunks(self, request_iterator: Iterator[pb.UploadChunk], context):
+        island = context.island
+        upload = None
+        for chunk in request_iterator:
+            if upload is None or upload.id != chunk.upload_id:
+                upload = self.registry.upload_for(island.id, chunk.upload_id)
+            if upload.state != "open":
+                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}")
+            n = len(chunk.data)
+            end = chunk.offset + n
+            if chunk.offset != upload.committed_offset:
+                refuse(
+                    context,
+                    "failed_precondition",
+                    f"chunk at offset {chunk.offset} but the committed offset is {upload.committed_offset};"
+                    " query the upload and resume from there",
+                )
+            if n == 0 or n > MAX_CHUNK_BYTES or (n < MIN_CHUNK_BYTES and end != upload.size):
+                refuse(context, "invalid_argument", f"chunks must be 1 to 4 MiB (the last may be shorter), got {n}")
+            if end > upload.size:
+                refuse(context, "invalid_argument", f"chunk ends at {end}, past the declared size {upload.size}")
+            if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+                refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
+            self.store.write_chunk(upload.id, chunk.offset, chunk.data)
+            upload.committed_offset = self.registry.commit_chunk(island.id, upload, chunk.offset, n)
+        if upload is None:
+            refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
+        return self._state(upload)
+
+    @rpc
+    def QueryUpload(self, request, context):
+        return self._state(self.registry.upload_for(context.island.id, request.upload_id))
+
+    @rpc
+    def CompleteUpload(self, request, context):
+        island = context.island
+        with self._complete_lock:
+            upload = self.registry.upload_for(island.id, request.upload_id)
+            expert = self.registry.expert(upload.expert_id)
+            if upload.state == "complete" and expert.checkpoint_sha256 == upload.sha256:
+                # Asked again (the reply was lost): the same signed entry, nothing redone.
+                return pb.CompleteUploadReply(
+                    sha256=upload.sha256, entry_json=expert.entry_json, signature=expert.signature
+                )
+            if upload.state != "open":
+                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}: {upload.reason}")
+            if upload.committed_offset != upload.size:
+                refuse(
+                    context,
+                    "failed_precondition",
+                    f"only {upload.committed_offset} of {upload.size} bytes are committed; send the rest first",
+                )
+            path = self.store.seal_staged(upload.id, upload.size)
+            reason, provenance = self._validate(path, upload, expert)
+            if reason is not None:
+                self.registry.reject_upload(upload.id, reason)
+                self.store.discard_staged(upload.id)
+                refuse(context, "invalid_argument", f"checkpoint rejected: {reason}")
+            self.registry.mark_uploaded(upload)
+            digest, size = self.store.add_file(path, move=True)
+            entry = {
+                "format": "ddm.expert-entry/1",
+                "expert_id": expert.id,
+                "cluster_id": expert.cluster_id,
+                "island_id": island.id,
+                "sha256": digest,
+                "size": size,
+                **provenance,
+                "signed_at": utc_now(),
+            }
+            entry_json, signature = self.key.sign(entry)
+            all_signed = self.registry.register_expert(island.id, upload, size, entry_json, signature)
+        log.info("signed expert %d from island %s (%s)", expert.id, island.id, digest[:12])
+        if all_signed:
+            self.on_all_signed()
+        return pb.CompleteUploadReply(sha256=digest, entry_json=entry_json, signature=signature)
+
+    def _validate(self, path, upload, expert) -> tuple[str | None, dict]:
+        """(why a staged checkpoint is refused or None, the provenance of an accepted one).
+
+        The header is parsed without executing anything, the expected model is rebuilt from
+        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked."""
+        if sha256_file(path) != upload.sha256:
+            return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
+        try:
+            info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+        except CheckpointError as exc:
+            return str(exc).replace(str(path), "the upload"), {}
+        steps = lease_train_config(self.config, expert.id).steps
+        if info.cluster_id != expert.cluster_id:
+            return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
+        if info.data_fingerprint != expert.shard_fingerprint:
+            return "it names a data fingerprint other than its cluster's", {}
+        if info.steps != steps:
+            return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
+        return None, {
+            "kind": "expert",
+            "config": info.model,
+            "steps": info.steps,
+            "flops": info.flops,
+            "data_fingerprint": info.data_fingerprint,
+            "metrics": info.metrics,
+        }
+
+    # -- the ensemble ---------------------------------------------------------------------------
+
+    @rpc
+    def GetManifest(self, request, context):
+        ensemble = self.registry.latest_published()
+        if ensemble is None:
+            refuse(context, "not_found", "no ensemble is published yet; wait until every expert is signed")
+        return pb.SignedManifest(
+            manifest_json=ensemble.manifest_json,
+            signature=ensemble.signature,
+            coordinator_public_key=self.key.public_bytes,
+        )
+
+    @streaming_rpc
+    def Download(self, request, context):
+        sha = request.sha256
+        if not is_sha256(sha) or not self.store.has(sha):
+            refuse(context, "not_found", f"no artifact {sha[:64]!r}")
+        if not self.registry.readable_by(context.island, sha):
+            refuse(context, "permission_denied", "this artifact is neither published nor this island's lease data")
+        size = self.store.path(sha).stat().st_size
+        if not 0 <= request.offset <= size:
+            refuse(context, "out_of_range", f"offset {request.offset} is outside the artifact's {size} bytes")
+        for offset, data, total in self.store.read(sha, request.offset, MAX_CHUNK_BYTES):
+            yield pb.DownloadChunk(offset=offset, data=data, size=total)
+
+    @rpc
+    def Status(self, request, context):
+        return pb.StatusReply(
+            json=json.dumps(build_status(self.home, self.config, self.registry, self.key.fingerprint))
+        )

@@ -1,0 +1,153 @@
+"""What `ddm-coordinator status` shows: islands, experts, leases, router and ensemble, key.
+
+``build_status`` gives plain JSON (also served by the Status RPC); ``render_status`` draws it
+as rich tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+
+from rich.console import Console, Group
+from rich.table import Table
+
+from .home import CoordinatorConfig, Home
+from .registry import Registry
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_fingerprint: str) -> dict:
+    snap = registry.snapshot()
+    now = time.time()
+    steps = config.train["steps"]
+    islands = [
+        {
+            "id": i["id"],
+            "name": i["name"],
+            "role": i["role"],
+            "enrolled": _iso(i["created_at"]),
+            "last_seen": _iso(i["last_seen_at"]),
+            "seconds_since_seen": round(now - i["last_seen_at"], 1),
+            "bytes_received": i["bytes_received"],
+        }
+        for i in snap["islands"]
+    ]
+    experts = [
+        {
+            "id": e["id"],
+            "cluster_id": e["cluster_id"],
+            "state": e["state"],
+            "island_id": e["island_id"],
+            "step": e["step"],
+            "steps": steps,
+            "loss": e["loss"],
+            "images_per_second": e["images_per_second"],
+            "checkpoint_sha256": e["checkpoint_sha256"],
+        }
+        for e in sorted(snap["experts"], key=lambda e: e["id"])
+    ]
+    leases = [
+        {
+            "id": lease["id"],
+            "expert_id": lease["expert_id"],
+            "island_id": lease["island_id"],
+            "state": lease["state"],
+            "issued": _iso(lease["issued_at"]),
+            "deadline": _iso(lease["deadline_at"]),
+            "seconds_left": round(lease["deadline_at"] - now, 1) if lease["state"] == "active" else None,
+        }
+        for lease in sorted(snap["leases"], key=lambda lease: lease["issued_at"])
+    ]
+    ensembles = sorted(snap["ensembles"], key=lambda e: e["id"])
+    latest = ensembles[-1] if ensembles else None
+    router = {"state": "waiting for experts", "step": 0, "steps": config.router_train["steps"]}
+    ensemble = {"state": "none"}
+    if latest is not None:
+        router = {
+            "state": {"training": "training", "published": "trained", "failed": "failed"}[latest["state"]],
+            "step": latest["router_step"],
+            "steps": latest["router_steps"],
+            "sha256": latest["router_sha256"],
+        }
+        ensemble = {
+            "state": latest["state"],
+            "id": latest["id"],
+            "experts": latest["experts"],
+            "updated": _iso(latest["updated_at"]),
+            "reason": latest["reason"] or None,
+        }
+        if latest["manifest_json"]:
+            ensemble["manifest_sha256"] = hashlib.sha256(latest["manifest_json"]).hexdigest()
+    return {
+        "coordinator": {
+            "home": str(home.root),
+            "key_fingerprint": key_fingerprint,
+            "dataset": config.dataset,
+            "dataset_fingerprint": config.dataset_fingerprint,
+            "experts": config.experts,
+            "model_preset": config.model["preset"],
+            "steps_per_expert": steps,
+        },
+        "islands": islands,
+        "experts": experts,
+        "leases": leases,
+        "router": router,
+        "ensemble": ensemble,
+    }
+
+
+def render_status(status: dict, console: Console) -> None:
+    c = status["coordinator"]
+    head = (
+        f"[bold]coordinator[/bold] {c['home']}  key {c['key_fingerprint']}\n"
+        f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…), {c['experts']} experts of preset "
+        f"{c['model_preset']}, {c['steps_per_expert']} steps each"
+    )
+    islands = Table(title="islands", title_justify="left")
+    for col in ("island", "name", "role", "last seen", "received"):
+        islands.add_column(col)
+    for i in status["islands"]:
+        islands.add_row(
+            i["id"], i["name"], i["role"], f"{i['seconds_since_seen']:.0f} s ago", _bytes(i["bytes_received"])
+        )
+    experts = Table(title="experts", title_justify="left")
+    for col in ("expert", "cluster", "state", "island", "step", "loss", "img/s", "checkpoint"):
+        experts.add_column(col)
+    for e in status["experts"]:
+        experts.add_row(
+            str(e["id"]),
+            str(e["cluster_id"]),
+            e["state"],
+            e["island_id"] or "",
+            f"{e['step']}/{e['steps']}",
+            "" if e["loss"] is None else f"{e['loss']:.4f}",
+            "" if e["images_per_second"] is None else f"{e['images_per_second']:,.0f}",
+            (e["checkpoint_sha256"] or "")[:12],
+        )
+    leases = Table(title="leases", title_justify="left")
+    for col in ("lease", "expert", "island", "state", "deadline"):
+        leases.add_column(col)
+    for lease in status["leases"]:
+        left = lease["seconds_left"]
+        deadline = f"in {left:.0f} s" if left is not None else lease["deadline"]
+        leases.add_row(lease["id"], str(lease["expert_id"]), lease["island_id"], lease["state"], deadline)
+    r, e = status["router"], status["ensemble"]
+    tail = f"router: {r['state']} ({r['step']}/{r['steps']} steps)   ensemble: {e['state']}"
+    if e.get("manifest_sha256"):
+        tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
+    if e.get("reason"):
+        tail += f": {e['reason']}"
+    console.print(Group(head, islands, experts, leases, tail))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

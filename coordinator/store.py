@@ -1,0 +1,94 @@
+"""The content-addressed artifact store and the staging area for uploads.
+
+An artifact lives at ``artifacts/<sha256>`` and is never rewritten. It enters the store by a
+rename of a verified, fsynced file, so a crash leaves it either absent or whole; the database
+row that names it is committed after the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ddm_model.fsutil import fsync_dir
+from protocol.trust import is_sha256, sha256_file
+
+
+class Store:
+    def __init__(self, artifacts: Path, staging: Path):
+        self.artifacts = artifacts
+        self.staging = staging
+        artifacts.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not is_sha256(sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.artifacts / sha256
+
+    def has(self, sha256: str) -> bool:
+        return is_sha256(sha256) and self.path(sha256).exists()
+
+    def add_file(self, source: Path, move: bool = False) -> tuple[str, int]:
+        """Put a file into the store under its own sha256; returns (sha256, size)."""
+        digest = sha256_file(source)
+        target = self.path(digest)
+        size = source.stat().st_size
+        if target.exists():
+            if move:
+                source.unlink()
+            return digest, size
+        tmp = self.artifacts / f".{digest}.tmp"
+        if move:
+            os.replace(source, tmp)
+        else:
+            shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+        fsync_dir(self.artifacts)
+        return digest, size
+
+    def read(self, sha256: str, offset: int, chunk: int) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, bytes, total size) blocks of an artifact from ``offset``."""
+        path = self.path(sha256)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while offset < size:
+                data = f.read(chunk)
+                if not data:
+                    break
+                yield offset, data, size
+                offset += len(data)
+
+    # -- staging ----------------------------------------------------------------------------
+
+    def staging_path(self, upload_id: str) -> Path:
+        if not upload_id.isalnum():
+            raise ValueError(f"bad upload id {upload_id!r}")
+        return self.staging / upload_id
+
+    def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
+        """Write bytes at their offset and make them durable before anyone records them."""
+        fd = os.open(self.staging_path(upload_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def seal_staged(self, upload_id: str, size: int) -> Path:
+        """Cut the staged file to its declared size (bytes past the committed offset from a
+        crash are dropped) and return its path."""
+        path = self.staging_path(upload_id)
+        with open(path, "rb+") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
+        return path
+
+    def discard_staged(self, upload_id: str) -> None:
+        self.staging_path(upload_id).unlink(missing_ok=True)
