@@ -513,7 +513,9 @@ class Registry:
             s.execute(update(Expert).where(Expert.id == upload.expert_id).values(state="uploaded"))
             self.log(s, "uploaded", upload.island_id, upload.expert_id, upload_id=upload.id, sha256=upload.sha256)
 
-    def register_expert(self, island_id: str, upload: Upload, size: int, entry_json: bytes, signature: bytes) -> bool:
+    def register_expert(
+        self, island_id: str, upload: Upload, size: int, steps: int, entry_json: bytes, signature: bytes
+    ) -> bool:
         """Register a verified, signed checkpoint; True when every expert is now signed."""
         now = time.time()
         with self.transaction() as s:
@@ -526,6 +528,7 @@ class Registry:
                 .values(
                     state="signed",
                     island_id=island_id,
+                    step=steps,
                     checkpoint_sha256=upload.sha256,
                     entry_json=entry_json,
                     signature=signature,

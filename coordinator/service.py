@@ -275,7 +275,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 "signed_at": utc_now(),
             }
             entry_json, signature = self.key.sign(entry)
-            all_signed = self.registry.register_expert(island.id, upload, size, entry_json, signature)
+            all_signed = self.registry.register_expert(
+                island.id, upload, size, provenance["steps"], entry_json, signature
+            )
         log.info("signed expert %d from island %s (%s)", expert.id, island.id, digest[:12])
         if all_signed:
             self.on_all_signed()
