@@ -498,14 +498,10 @@ class Registry:
             return offset + length
 
     def reject_upload(self, upload_id: str, reason: str) -> None:
+        """Record why an upload was refused; the expert, its lease and the store stay as they were."""
         with self.transaction() as s:
             upload = s.get(Upload, upload_id)
             upload.state, upload.reason, upload.updated_at = "rejected", reason[:2000], time.time()
-            s.execute(
-                update(Expert)
-                .where(Expert.id == upload.expert_id, Expert.state.in_(("uploading", "uploaded")))
-                .values(state="training")
-            )
             self.log(s, "upload_rejected", upload.island_id, upload.expert_id, upload_id=upload_id, reason=reason[:500])
 
     def mark_uploaded(self, upload: Upload) -> None:

@@ -131,15 +131,18 @@ def _check_container(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(9)
     size = path.stat().st_size
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    header_len = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and header_len <= min(size - 8, MAX_HEADER_BYTES):
+        return  # the shape of a safetensors file; safetensors itself checks the rest
+    # Not safetensors. Name the common impostors: a pickle (protocol 2+ starts with 0x80 and
+    # the protocol number) or a torch.save zip archive.
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{path} is a pickle or torch.save file, not safetensors; ddm never unpickles checkpoints"
         )
     if len(head) < 9:
         raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len > min(size - 8, MAX_HEADER_BYTES) or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+    raise CheckpointError(f"{path} is not a safetensors file (bad header)")
 
 
 def read_checkpoint_header(path: str | Path) -> tuple[CheckpointInfo, dict[str, tuple[str, tuple[int, ...]]]]:

@@ -465,3 +465,17 @@ def test_package_source_never_unpickles():
         for problem in unsafe_loads(path.read_text(encoding="utf-8"))
     ]
     assert problems == []
+
+
+def test_a_header_length_that_looks_like_a_pickle_opcode_still_loads(tmp_path, expert):
+    """A safetensors file starts with its header length; a low byte of 0x80 is not a pickle."""
+    for pad in range(400):
+        path = tmp_path / f"padded-{pad}.safetensors"
+        save_checkpoint(path, expert, metrics={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    model, info = load_checkpoint(path)
+    assert info.metrics["pad"] == "x" * pad
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expert.state_dict().values(), strict=True))

@@ -1,0 +1,150 @@
+"""The SQL registry on a real SQLite file: invites, leases, uploads, events."""
+
+import sqlite3
+import time
+
+import pytest
+import sqlalchemy
+
+from coordinator.registry import Grant, NoWork, Registry, RegistryError
+
+SHARD = "ab" * 32
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60)
+    reg.create()
+    reg.add_experts([(0, SHARD, "f0"), (1, SHARD, "f1"), (2, SHARD, "f2")])
+    yield reg
+    reg.close()
+
+
+def enroll(registry, name="isle"):
+    token = registry.create_invite("island", 60)
+    island, credential = registry.redeem_invite(token, name)
+    return island, credential
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(registry, tmp_path):
+    with registry.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_invites_are_single_use_and_expire(registry):
+    token = registry.create_invite("island", 60)
+    island, credential = registry.redeem_invite(token, "a")
+    assert credential.startswith(island.id + ".")
+    assert registry.authenticate(island.id, credential.split(".", 1)[1]).id == island.id
+    assert registry.authenticate(island.id, "wrong") is None
+    assert registry.authenticate("nobody", "x") is None
+    with pytest.raises(RegistryError, match="already used") as err:
+        registry.redeem_invite(token, "b")
+    assert err.value.code == "unauthenticated"
+    with pytest.raises(RegistryError, match="invalid invite"):
+        registry.redeem_invite("ddm_not-a-token", "c")
+    expired = registry.create_invite("island", -1)
+    with pytest.raises(RegistryError, match="expired"):
+        registry.redeem_invite(expired, "d")
+    assert len(registry.snapshot()["islands"]) == 1
+    with pytest.raises(RegistryError, match="unknown role"):
+        registry.create_invite("admin", 60)
+
+
+def test_tokens_are_stored_only_as_hashes(registry, tmp_path):
+    token = registry.create_invite("island", 60)
+    raw = (tmp_path / "ddm.db").read_bytes() + (tmp_path / "ddm.db-wal").read_bytes()
+    assert token.encode() not in raw
+
+
+def test_leases_go_to_distinct_islands_and_come_back_to_their_holder(registry):
+    a, _ = enroll(registry, "a")
+    b, _ = enroll(registry, "b")
+    first = registry.acquire_lease(a.id)
+    second = registry.acquire_lease(b.id)
+    assert isinstance(first, Grant) and isinstance(second, Grant)
+    assert (first.expert_id, second.expert_id) == (0, 1)
+    again = registry.acquire_lease(a.id)
+    assert again.lease_id == first.lease_id and again.renewed and again.deadline_at >= first.deadline_at
+    states = {e.id: e.state for e in registry.experts()}
+    assert states == {0: "leased", 1: "leased", 2: "open"}
+
+
+def test_heartbeats_extend_and_silence_expires(registry):
+    registry.lease_seconds = 0.2
+    a, _ = enroll(registry)
+    grant = registry.acquire_lease(a.id)
+    deadline = registry.heartbeat(a.id, grant.lease_id, 5, 0.5, 100.0)
+    assert deadline > time.time()
+    assert registry.expert(0).state == "training" and registry.expert(0).step == 5
+    time.sleep(0.3)
+    assert registry.expire_leases() == 1
+    assert registry.expert(0).state == "open"
+    with pytest.raises(RegistryError, match="expired") as err:
+        registry.heartbeat(a.id, grant.lease_id, 6, 0.4, 100.0)
+    assert err.value.code == "failed_precondition"
+    # Its old holder gets the same expert back first (its local progress survives).
+    b, _ = enroll(registry, "b")
+    registry.lease_seconds = 60
+    assert registry.acquire_lease(a.id).expert_id == 0
+    assert registry.acquire_lease(b.id).expert_id == 1
+
+
+def test_a_lease_is_only_usable_by_its_island(registry):
+    a, _ = enroll(registry, "a")
+    b, _ = enroll(registry, "b")
+    grant = registry.acquire_lease(a.id)
+    with pytest.raises(RegistryError) as err:
+        registry.heartbeat(b.id, grant.lease_id, 1, 0.1, 1.0)
+    assert err.value.code == "permission_denied"
+    with pytest.raises(RegistryError):
+        registry.begin_upload(b.id, grant.lease_id, 10, "cd" * 32, quota=100)
+
+
+def test_no_work_says_why(registry):
+    islands = [enroll(registry, str(i))[0] for i in range(4)]
+    for island in islands[:3]:
+        assert isinstance(registry.acquire_lease(island.id), Grant)
+    none = registry.acquire_lease(islands[3].id)
+    assert isinstance(none, NoWork) and not none.finished and "leased to another" in none.reason
+
+
+def test_uploads_commit_in_order_and_resume(registry):
+    a, _ = enroll(registry)
+    grant = registry.acquire_lease(a.id)
+    with pytest.raises(RegistryError) as err:
+        registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=999)
+    assert err.value.code == "resource_exhausted"
+    upload = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    assert registry.commit_chunk(a.id, upload, 0, 600) == 600
+    with pytest.raises(RegistryError, match="committed offset 600"):
+        registry.commit_chunk(a.id, upload, 0, 600)  # the same chunk again
+    again = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    assert again.id == upload.id and again.committed_offset == 600
+    assert registry.commit_chunk(a.id, again, 600, 400) == 1000
+    row = registry.upload_for(a.id, upload.id)
+    assert (row.chunks, row.bytes_received, row.committed_offset) == (2, 1000, 1000)
+    assert registry.snapshot()["islands"][0]["bytes_received"] == 1000
+    assert registry.expert(grant.expert_id).state == "uploading"
+
+
+def test_event_log_is_append_only(registry, tmp_path):
+    enroll(registry)
+    kinds = [e.kind for e in registry.events()]
+    assert kinds[:3] == ["init", "invite", "enroll"]
+    with registry.engine.begin() as conn, pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"):
+        conn.exec_driver_sql("UPDATE events SET kind = 'forged'")
+    db = sqlite3.connect(tmp_path / "ddm.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM events")
+    db.close()
+
+
+def test_any_sqlalchemy_url_works(tmp_path):
+    memory = Registry("sqlite+pysqlite:///" + str(tmp_path / "other.db"))
+    memory.create()
+    memory.add_experts([(0, SHARD, "f")])
+    assert [e.id for e in memory.experts()] == [0]
+    memory.close()
