@@ -93,9 +93,7 @@ def download_ensemble(
     coordinator: str, out: Path, state_dir: Path, fingerprint: str | None = None, token: str | None = None
 ) -> Path:
     state = IslandState(state_dir)
-    identity = state.identity()
-    if identity is None or identity.coordinator != coordinator:
-        identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint)
+    identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint)
     conn = Connection(coordinator, identity.credential)
     try:
         signed = conn.unary("GetManifest", pb.GetManifestRequest())

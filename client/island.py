@@ -60,10 +60,17 @@ def enroll(state: IslandState, coordinator: str, token: str | None, name: str, r
     identity = state.identity()
     if identity is not None:
         if identity.coordinator != coordinator:
-            raise ClientError(
-                f"{state.root} holds an identity for the coordinator at {identity.coordinator};"
-                " use another --state-dir for this one"
+            # The coordinator moved (or listens on a new port). The credential still has to pass
+            # its check, and every signature is still checked against the key pinned at enrollment.
+            console.print(
+                f"[yellow]note:[/yellow] this identity was enrolled at {identity.coordinator}; using it with"
+                f" {coordinator} (key {identity.key_fingerprint} stays pinned)",
+                highlight=False,
+                soft_wrap=True,
             )
+            identity.coordinator = coordinator
+            state.save_identity(identity)
+            state.remember_key(coordinator, identity.key_fingerprint)
         return identity
     if not token:
         raise ClientError(f"no identity in {state.root} yet: pass --token with an invite from the coordinator")

@@ -478,4 +478,6 @@ def test_a_header_length_that_looks_like_a_pickle_opcode_still_loads(tmp_path, e
         pytest.fail("no padding gave a header length ending in 0x80")
     model, info = load_checkpoint(path)
     assert info.metrics["pad"] == "x" * pad
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expert.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), expert.state_dict().values(), strict=True)
+    )

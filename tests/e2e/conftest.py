@@ -1,8 +1,15 @@
+import hashlib
+import json
 import os
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,3 +32,185 @@ def run():
         )
 
     return run
+
+
+# -- real coordinator and island processes ------------------------------------------------------
+
+
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.05):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+class Child:
+    """A real subprocess whose stdout and stderr go to files (no pipe can fill up and block it)."""
+
+    def __init__(self, popen: subprocess.Popen, out: Path, err: Path):
+        self.popen = popen
+        self.out_path = out
+        self.err_path = err
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self):
+        return self.popen.poll()
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def signal(self, sig) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL (a stopped process is continued first) and reap."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            try:
+                os.kill(self.popen.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Start a console script as a real process; every one is killed at teardown."""
+    children: list[Child] = []
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+
+    def spawn(name, *args, label: str | None = None) -> Child:
+        label = label or f"{name}-{len(children)}"
+        out, err = logs / f"{label}.out", logs / f"{label}.err"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            popen = subprocess.Popen(
+                [*cli(name), *map(str, args)], stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=child_env()
+            )
+        child = Child(popen, out, err)
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        child.kill()
+
+
+class Coordinator:
+    """A coordinator home made by the real `ddm-coordinator init`, served by `ddm-coordinator serve`."""
+
+    def __init__(self, home: Path, fingerprint: str, run, spawn):
+        self.home = home
+        self.fingerprint = fingerprint
+        self._run = run
+        self._spawn = spawn
+        self.proc: Child | None = None
+        self.port = 0
+        self.starts = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> str:
+        assert self.proc is None or self.proc.poll() is not None, "already serving"
+        self.port = free_port()
+        self.starts += 1
+        self.proc = self._spawn(
+            "ddm-coordinator", "serve", "--home", self.home, "--listen", self.address, label=f"serve-{self.starts}"
+        )
+        channel = grpc.insecure_channel(self.address)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"serve exited with {self.proc.poll()}: {self.proc.stderr()[-2000:]}")
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=0.5)
+                    break
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"serve not ready in {timeout} s: {self.proc.stderr()[-2000:]}") from None
+        finally:
+            channel.close()
+        return self.address
+
+    def kill(self) -> None:
+        """SIGKILL the serving process: no shutdown code runs."""
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.proc.stderr() if self.proc else ""
+
+    def invite(self, role: str = "island") -> str:
+        result = self._run("ddm-coordinator", "invite", "--home", self.home, "--role", role)
+        assert result.returncode == 0, result.stderr
+        token = result.stdout.strip().splitlines()[-1]
+        assert token.startswith("ddm_"), result.stdout
+        return token
+
+    def status(self) -> dict:
+        result = self._run("ddm-coordinator", "status", "--home", self.home, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def db(self, sql: str, *params) -> list[dict]:
+        """Rows of the registry, read straight from its SQLite file, read-only."""
+        con = sqlite3.connect(f"file:{self.home / 'ddm.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            con.row_factory = sqlite3.Row
+            return [dict(row) for row in con.execute(sql, params)]
+        finally:
+            con.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path, run, spawn):
+    """``coordinator(*init_args)``: init a home with the real CLI and serve it on a free port."""
+
+    def make(*init_args, serve: bool = True) -> Coordinator:
+        home = tmp_path / "home"
+        result = run("ddm-coordinator", "init", "--home", home, *init_args)
+        assert result.returncode == 0, result.stderr[-2000:]
+        fingerprint = result.stdout.strip().splitlines()[-1]
+        assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64, result.stdout
+        coord = Coordinator(home, fingerprint, run, spawn)
+        if serve:
+            coord.start()
+        return coord
+
+    return make
