@@ -36,7 +36,7 @@ def sample_images(
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     with progress_bar() as bar:
         task = bar.add_task(f"sampling ({routing})", total=n, info="")
-        return generate(
+        images = generate(
             ensemble.as_velocity(routing),
             n,
             shape,
@@ -46,6 +46,7 @@ def sample_images(
             device=device,
             on_batch=lambda b: bar.advance(task, b),
         )
+    return images.clamp(-1.0, 1.0)  # the ODE may overshoot the image range slightly
 
 
 def sample_folder(

@@ -61,6 +61,9 @@ def _abort(context, method: str, exc: Exception):
     if isinstance(exc, (Refused, RegistryError)):
         log.warning("%s refused%s: %s", method, who, exc)
         context.abort(CODES[exc.code], str(exc))
+    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream; what it sent is committed
+        log.info("%s ended by the client%s: %s", method, who, exc.code() if hasattr(exc, "code") else exc)
+        return
     log.error("%s failed%s", method, who, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
 

@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import os
@@ -99,10 +100,8 @@ class Child:
         """SIGKILL (a stopped process is continued first) and reap."""
         if self.popen.poll() is None:
             self.popen.kill()
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         self.popen.wait(timeout=30)
 
 

@@ -19,6 +19,7 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -40,6 +41,11 @@ CHUNK = DEFAULT_CHUNK_BYTES
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def join_args(coord, state_dir: Path, *extra) -> list:
+    """`ddm-client join` for one expert on one CPU thread."""
+    return ["join", "--coordinator", coord.address, "--state-dir", state_dir, "--once", "--threads", "1", *extra]
+
+
 def island_id(state_dir: Path) -> str:
     return json.loads((state_dir / "identity.json").read_text())["island_id"]
 
@@ -50,16 +56,13 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-def alive(child, what: str):
-    """A wait_for condition wrapper that fails at once if ``child`` has exited."""
+def while_alive(child, what: str, condition):
+    """``condition`` for wait_for, failing at once if ``child`` has exited meanwhile."""
 
-    def check(condition):
-        def wrapped():
-            if child.poll() is not None:
-                raise AssertionError(f"{what} exited with {child.poll()} too early: {child.stderr()[-2000:]}")
-            return condition()
-
-        return wrapped
+    def check():
+        if child.poll() is not None:
+            raise AssertionError(f"{what} exited with {child.poll()} too early: {child.stderr()[-2000:]}")
+        return condition()
 
     return check
 
@@ -72,10 +75,7 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
     coord = coordinator("--experts", "2", "--preset", "tiny", "--steps", "30", "--router-steps", "30")
     states = [tmp_path / f"island-{i}" for i in range(2)]
     islands = [
-        spawn(
-            "ddm-client", "join", "--coordinator", coord.address, "--token", coord.invite(), "--state-dir", state,
-            "--once", "--threads", "1", "--name", f"island-{i}", label=f"island-{i}",
-        )  # fmt: skip
+        spawn("ddm-client", *join_args(coord, state, "--token", coord.invite(), "--name", f"n{i}"), label=f"island-{i}")
         for i, state in enumerate(states)
     ]
     for island in islands:
@@ -119,10 +119,9 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
 
     # A reader downloads the ensemble, pinning the key printed by init, and samples it.
     ensemble = tmp_path / "ensemble"
-    got = run(
-        "ddm-client", "download", "--coordinator", coord.address, "--out", ensemble,
-        "--fingerprint", coord.fingerprint, "--token", coord.invite("reader"), "--state-dir", tmp_path / "reader",
-    )  # fmt: skip
+    download = ["download", "--coordinator", coord.address]
+    reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+    got = run("ddm-client", *download, "--out", ensemble, "--fingerprint", coord.fingerprint, *reader)
     assert got.returncode == 0, got.stderr[-3000:]
     for e in experts:
         assert sha256_of(ensemble / f"expert-{e['cluster_id']}.safetensors") == e["checkpoint_sha256"]
@@ -145,11 +144,12 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    refused = run("ddm-client", "sample", tampered, "--n", "16", "--out", tmp_path / "t.png", "--npz", tmp_path / "t.npz")
+    png_t, npz_t = tmp_path / "t.png", tmp_path / "t.npz"
+    refused = run("ddm-client", "sample", tampered, "--n", "16", "--out", png_t, "--npz", npz_t)
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = one_line(refused.stderr)
     assert "expert-0.safetensors" in line and "signed manifest" in line, line
-    assert not (tmp_path / "t.png").exists() and not (tmp_path / "t.npz").exists()
+    assert not png_t.exists() and not npz_t.exists()
 
     # A wrong pinned fingerprint: refused before anything lands, as a new reader and as a known one.
     wrong = "sha256:" + "0" * 64
@@ -158,7 +158,7 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
         ("known", ["--state-dir", tmp_path / "reader"]),
     ):
         out = tmp_path / f"wrong-{label}"
-        refused = run("ddm-client", "download", "--coordinator", coord.address, "--out", out, "--fingerprint", wrong, *extra)
+        refused = run("ddm-client", *download, "--out", out, "--fingerprint", wrong, *extra)
         assert refused.returncode == 2, refused.stderr[-3000:]
         line = one_line(refused.stderr)
         assert wrong in line and coord.fingerprint in line, line
@@ -183,7 +183,7 @@ def _resume_step(path: Path) -> int | None:
 def test_island_killed_mid_training_resumes_from_its_checkpoint(coordinator, spawn, run, tmp_path):
     coord = coordinator("--experts", "2", "--preset", "tiny", "--steps", "400")
     state = tmp_path / "island"
-    join = ("join", "--coordinator", coord.address, "--state-dir", state, "--once", "--threads", "1")
+    join = join_args(coord, state)
     first = spawn("ddm-client", *join, "--token", coord.invite(), label="island-first")
 
     def saved_at_40():
@@ -191,7 +191,8 @@ def test_island_killed_mid_training_resumes_from_its_checkpoint(coordinator, spa
         found = [(p, s) for p, s in found if s is not None and s >= 40]
         return found[0] if found else None
 
-    resume_file, _ = wait_for(alive(first, "the island")(saved_at_40), 60, "a local resume file at step >= 40", 0.02)
+    saving = while_alive(first, "the island", saved_at_40)
+    resume_file, _ = wait_for(saving, 60, "a local resume file at step >= 40", every=0.02)
     first.signal(signal.SIGKILL)
     first.wait(timeout=30)
     saved = _resume_step(resume_file)  # what the killed run left behind
@@ -394,12 +395,9 @@ def test_silent_lease_goes_to_another_island(coordinator, spawn, run, tmp_path):
         "--experts", "2", "--preset", "tiny", "--steps", "600", "--heartbeat-seconds", "1", "--lease-seconds", "3"
     )
     state_a, state_b = tmp_path / "island-a", tmp_path / "island-b"
-    a = spawn(
-        "ddm-client", "join", "--coordinator", coord.address, "--token", coord.invite(), "--state-dir", state_a,
-        "--once", "--threads", "1", "--name", "a", label="island-a",
-    )  # fmt: skip
+    a = spawn("ddm-client", *join_args(coord, state_a, "--token", coord.invite(), "--name", "a"), label="island-a")
     training = wait_for(
-        alive(a, "island A")(lambda: coord.db("SELECT id, island_id FROM experts WHERE state = 'training'")),
+        while_alive(a, "island A", lambda: coord.db("SELECT id, island_id FROM experts WHERE state = 'training'")),
         60,
         "island A to report training progress",
         0.02,
@@ -422,7 +420,7 @@ def test_silent_lease_goes_to_another_island(coordinator, spawn, run, tmp_path):
     assert status["experts"][expert_id]["state"] == "open"
 
     # Island B takes the open work until A's expert is signed (one run: it is the lowest open id).
-    join_b = ("join", "--coordinator", coord.address, "--state-dir", state_b, "--once", "--threads", "1", "--name", "b")
+    join_b = join_args(coord, state_b, "--name", "b")
     b_runs = [run("ddm-client", *join_b, "--token", coord.invite(), timeout=120)]
     assert b_runs[0].returncode == 0, b_runs[0].stderr[-3000:]
     b_id = island_id(state_b)
@@ -449,3 +447,17 @@ def test_silent_lease_goes_to_another_island(coordinator, spawn, run, tmp_path):
     assert next(lease for lease in status["leases"] if lease["id"] == a_lease["id"])["state"] == "expired"
     assert next(i for i in status["islands"] if i["id"] == a_id)["bytes_received"] == 0
     assert not (state_a / "signed").exists()
+
+    # Nor can A's identity open an upload for the lease it lost, whatever file it offers.
+    identity_a = json.loads((state_a / "identity.json").read_text())
+    conn = Connection(coord.address, identity_a["credential"])
+    try:
+        size = (state_b / "signed" / f"expert-{expert_id}.safetensors").stat().st_size
+        with pytest.raises(ClientError) as refused:
+            conn.unary("BeginUpload", pb.BeginUploadRequest(lease_id=a_lease["id"], size=size, sha256=signed_sha))
+    finally:
+        conn.close()
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired" in str(refused.value)
+    assert coord.db("SELECT id FROM uploads WHERE island_id = ?", a_id) == []
+    assert coord.status()["experts"][expert_id]["island_id"] == b_id
