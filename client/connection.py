@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from ddm_model.errors import DDMError
+from ddm_model.progress import console
 from protocol import auth, ddm_pb2_grpc
 from protocol.limits import (
     CHANNEL_OPTIONS,
@@ -59,6 +60,12 @@ class Connection:
             except grpc.RpcError as err:
                 if err.code() not in TRANSIENT or attempt == attempts - 1:
                     raise self.error(err, method) from None
+                if attempt == 0:
+                    console.print(
+                        f"[yellow]the coordinator at {self.address} is unreachable; retrying "
+                        f"{attempts - 1} more times[/yellow]",
+                        highlight=False,
+                    )
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
         raise AssertionError("unreachable")

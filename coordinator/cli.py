@@ -108,7 +108,9 @@ def serve(
         fail(str(exc))
     server.start()
     host = listen.rsplit(":", 1)[0]
-    err_console.print(f"coordinator listening on {host}:{server.port}, key {server.key.fingerprint}", highlight=False)
+    err_console.print(
+        f"coordinator listening on {host}:{server.port}, key {server.key.fingerprint}", highlight=False, soft_wrap=True
+    )
 
     def shutdown(signum, frame):
         server.stop()
