@@ -26,6 +26,9 @@ out = Console()
 STATE_HELP = "Folder for this island's identity, data and training state (default: $DDM_STATE_DIR or ~/.ddm/island)."
 
 
+TLS_HELP = "Speak TLS to the coordinator, trusting this CA certificate (PEM); without it, plaintext gRPC."
+
+
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -53,6 +56,7 @@ def join(
     ),
     fingerprint: str = typer.Option(None, help="Pin the coordinator's key (sha256:...) when enrolling."),
     threads: int = typer.Option(None, min=1, help="CPU threads for training."),
+    tls_ca: Path = typer.Option(None, help=TLS_HELP),
 ) -> None:
     """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
     from .island import JoinOptions, run_island
@@ -69,6 +73,7 @@ def join(
                 dataset=dataset,
                 fingerprint=fingerprint,
                 threads=threads,
+                tls_ca=tls_ca,
             )
         )
     except (DDMError, TrustError) as exc:
@@ -83,12 +88,13 @@ def download(
     fingerprint: str = typer.Option(None, help="The coordinator key's fingerprint (sha256:...) to pin."),
     token: str = typer.Option(None, help="A reader (or island) invite, if the state folder holds no identity."),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
+    tls_ca: Path = typer.Option(None, help=TLS_HELP),
 ) -> None:
     """Fetch the published ensemble (resumable) and verify every signature and hash."""
     from .ensemble import download_ensemble
 
     try:
-        folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token)
+        folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token, tls_ca)
     except (DDMError, TrustError) as exc:
         fail(str(exc))
     out.print(f"verified ensemble in {folder}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -31,9 +32,25 @@ class ClientError(DDMError):
 
 
 class Connection:
-    def __init__(self, address: str, credential: str | None = None, attempts: int = RETRY_ATTEMPTS):
+    def __init__(
+        self,
+        address: str,
+        credential: str | None = None,
+        attempts: int = RETRY_ATTEMPTS,
+        tls_ca: Path | None = None,
+    ):
+        """``tls_ca``: a PEM file of the certificate authority (or the self-signed certificate) that
+        the coordinator's TLS certificate must chain to; None speaks plaintext gRPC."""
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            try:
+                roots = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise ClientError(f"cannot read the TLS certificate authority {tls_ca}: {exc.strerror}") from None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self.stub = ddm_pb2_grpc.CoordinatorStub(self.channel)
         self.metadata = auth.metadata(credential) if credential else ()
         self.attempts = attempts

@@ -90,11 +90,16 @@ def pin_key(state: IslandState, coordinator: str, public_key: bytes, fingerprint
 
 
 def download_ensemble(
-    coordinator: str, out: Path, state_dir: Path, fingerprint: str | None = None, token: str | None = None
+    coordinator: str,
+    out: Path,
+    state_dir: Path,
+    fingerprint: str | None = None,
+    token: str | None = None,
+    tls_ca: Path | None = None,
 ) -> Path:
     state = IslandState(state_dir)
-    identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint)
-    conn = Connection(coordinator, identity.credential)
+    identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint, tls_ca)
+    conn = Connection(coordinator, identity.credential, tls_ca=tls_ca)
     try:
         signed = conn.unary("GetManifest", pb.GetManifestRequest())
         pin_key(state, coordinator, signed.coordinator_public_key, fingerprint)

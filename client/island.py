@@ -53,9 +53,18 @@ class JoinOptions:
     dataset: str | None = None  # a local copy of the dataset: receive index lists, not shards
     fingerprint: str | None = None  # pin the coordinator's key at enrollment
     threads: int | None = None
+    tls_ca: Path | None = None  # speak TLS, trusting this CA (PEM)
 
 
-def enroll(state: IslandState, coordinator: str, token: str | None, name: str, role: str, pin: str | None) -> Identity:
+def enroll(
+    state: IslandState,
+    coordinator: str,
+    token: str | None,
+    name: str,
+    role: str,
+    pin: str | None,
+    tls_ca: Path | None = None,
+) -> Identity:
     """The identity kept in the state folder, or a new one from an invite token."""
     identity = state.identity()
     if identity is not None:
@@ -74,7 +83,7 @@ def enroll(state: IslandState, coordinator: str, token: str | None, name: str, r
         return identity
     if not token:
         raise ClientError(f"no identity in {state.root} yet: pass --token with an invite from the coordinator")
-    conn = Connection(coordinator)
+    conn = Connection(coordinator, tls_ca=tls_ca)
     try:
         reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name))
     finally:
@@ -229,8 +238,8 @@ def run_island(opts: JoinOptions) -> int:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ClientError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
     state = IslandState(opts.state_dir)
-    identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint)
-    conn = Connection(opts.coordinator, identity.credential)
+    identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, opts.tls_ca)
+    conn = Connection(opts.coordinator, identity.credential, tls_ca=opts.tls_ca)
     try:
         while True:
             reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=opts.dataset or ""))

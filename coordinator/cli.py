@@ -97,19 +97,32 @@ def init(
 def serve(
     home: Path = typer.Option(None, help=HOME_HELP),
     listen: str = typer.Option("127.0.0.1:50051", help="HOST:PORT to listen on (0.0.0.0:PORT for every interface)."),
+    tls_cert: Path = typer.Option(None, help="Serve TLS with this certificate chain (PEM); needs --tls-key."),
+    tls_key: Path = typer.Option(None, help="The TLS private key (PEM)."),
 ) -> None:
     """Run the coordinator until interrupted."""
     from .server import CoordinatorServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    tls = None
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together")
+    if tls_cert is not None:
+        try:
+            tls = (tls_cert.read_bytes(), tls_key.read_bytes())
+        except OSError as exc:
+            fail(f"cannot read {exc.filename}: {exc.strerror}")
     try:
-        server = CoordinatorServer(_home(home), listen)
+        server = CoordinatorServer(_home(home), listen, tls)
     except DDMError as exc:
         fail(str(exc))
     server.start()
     host = listen.rsplit(":", 1)[0]
+    mode = "TLS" if tls else "plaintext"
     err_console.print(
-        f"coordinator listening on {host}:{server.port}, key {server.key.fingerprint}", highlight=False, soft_wrap=True
+        f"coordinator listening on {host}:{server.port} ({mode}), key {server.key.fingerprint}",
+        highlight=False,
+        soft_wrap=True,
     )
 
     def shutdown(signum, frame):

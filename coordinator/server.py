@@ -24,7 +24,8 @@ REAP_EVERY_S = 1.0
 
 
 class CoordinatorServer:
-    def __init__(self, home: Home, listen: str):
+    def __init__(self, home: Home, listen: str, tls: tuple[bytes, bytes] | None = None):
+        """``tls``: (certificate chain PEM, private key PEM) to serve TLS; None serves plaintext."""
         self.home = home
         self.config = home.load_config()
         self.key = SigningKey.load(home.key_path)
@@ -42,7 +43,11 @@ class CoordinatorServer:
         )
         ddm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         try:
-            self.port = self.server.add_insecure_port(listen)
+            if tls is None:
+                self.port = self.server.add_insecure_port(listen)
+            else:
+                chain, key = tls
+                self.port = self.server.add_secure_port(listen, grpc.ssl_server_credentials([(key, chain)]))
         except RuntimeError:
             self.port = 0
         if not self.port:
