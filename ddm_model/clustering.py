@@ -9,20 +9,17 @@ sizes) with its JSON description in the header.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .data import ImageDataset
 from .errors import DDMError
 from .features import make_extractor
-from .fsutil import atomic_path
+from .tensorfile import read_tensor_file, write_tensor_file
 
 FORMAT = "ddm.clustering/1"
 
@@ -81,19 +78,11 @@ class Clustering:
             "fine_centroids": torch.from_numpy(np.ascontiguousarray(self.fine_centroids, dtype=np.float32)),
             "fine_to_coarse": torch.from_numpy(self.fine_to_coarse.astype(np.int64)),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"ddm": json.dumps(self.describe(), sort_keys=True)})
+        write_tensor_file(path, tensors, self.describe())
 
     @classmethod
     def load(cls, path: str | Path) -> Clustering:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("ddm", "null"))
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-            raise ClusteringError(f"{path} is not a ddm clustering file: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ClusteringError(f"{path} is not a ddm clustering file (format {FORMAT} expected)")
+        meta, tensors = read_tensor_file(path, FORMAT, "clustering", ClusteringError)
         needed = {"sample_ids", "assignment", "sizes", "fine_centroids", "fine_to_coarse"}
         if set(tensors) != needed:
             raise ClusteringError(f"{path} holds arrays {sorted(tensors)}, expected {sorted(needed)}")

@@ -13,7 +13,6 @@ of images (one sub-folder per class optional) and an ``.npz`` file with an ``ima
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,9 +281,7 @@ SHARD_FORMAT = "ddm.dataset/1"
 def save_dataset_file(dataset: ImageDataset, path: str | Path) -> str:
     """Write images, ids and labels as safetensors with a JSON description; the bytes depend
     only on the dataset, so the file can be content-addressed. Returns the fingerprint."""
-    from safetensors.torch import save_file
-
-    from .fsutil import atomic_path
+    from .tensorfile import write_tensor_file
 
     fingerprint = dataset.fingerprint()
     tensors = {"images": dataset.images.contiguous(), "ids": dataset.ids.contiguous()}
@@ -296,24 +293,16 @@ def save_dataset_file(dataset: ImageDataset, path: str | Path) -> str:
         "num_classes": dataset.num_classes,
         "fingerprint": fingerprint,
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ddm": json.dumps(meta, sort_keys=True)})
+    write_tensor_file(path, tensors, meta)
     return fingerprint
 
 
 def load_dataset_file(path: str | Path, expect_fingerprint: str | None = None) -> ImageDataset:
     """Read a dataset file, refusing one whose content does not match its own fingerprint
     (or the expected one)."""
-    from safetensors import SafetensorError, safe_open
+    from .tensorfile import read_tensor_file
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ddm", "null"))
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not a ddm dataset file: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise DataError(f"{path} is not a ddm dataset file (format {SHARD_FORMAT} expected)")
+    meta, tensors = read_tensor_file(path, SHARD_FORMAT, "dataset", DataError)
     if not {"images", "ids"} <= set(tensors) <= {"images", "ids", "labels"}:
         raise DataError(f"{path} holds arrays {sorted(tensors)}, expected images, ids and optional labels")
     if tensors["images"].dtype != torch.float32 or tensors["ids"].dtype != torch.int64:
