@@ -417,3 +417,24 @@ def test_status_rpc_reports_progress(server):
     )
     assert report["coordinator"]["key_fingerprint"] == enrolled.key_fingerprint
     assert [lease_row["state"] for lease_row in report["leases"]] == ["active"]
+
+
+def test_assemble_publishes_the_experts_signed_so_far(server, tmp_path):
+    from coordinator.assemble import AssembleError
+
+    with pytest.raises(AssembleError, match="at least 2 signed experts; 0 are signed"):
+        server.assembler.run(progress=False)
+    conn, enrolled = enroll(server)
+    signed = []
+    for _ in range(2):
+        lease = lease_for(conn)
+        upload_checkpoint(conn, lease.lease_id, train(conn, lease, tmp_path))
+        signed.append(lease.cluster_id)
+    ensemble_id = server.assembler.run(progress=False)
+    published = server.registry.latest_published()
+    assert published.id == ensemble_id and published.experts == 2
+    manifest = json.loads(published.manifest_json)
+    verify_signature(enrolled.coordinator_public_key, published.manifest_json, published.signature, "manifest")
+    assert manifest["router"]["clusters"] == signed
+    assert manifest["router"]["config"]["num_clusters"] == 2
+    assert [item["entry"]["cluster_id"] for item in manifest["experts"]] == signed
