@@ -46,7 +46,9 @@ def island() -> None:
 @app.command()
 def join(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
-    token: str = typer.Option(None, help="Invite token (needed only the first time)."),
+    token: str = typer.Option(
+        None, envvar="DDM_TOKEN", help="Invite token, needed only the first time (or $DDM_TOKEN, kept out of `ps`)."
+    ),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     once: bool = typer.Option(False, "--once", help="Exit after one expert instead of asking for more work."),
@@ -76,7 +78,7 @@ def join(
                 tls_ca=tls_ca,
             )
         )
-    except (DDMError, TrustError) as exc:
+    except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))
     raise typer.Exit(code)
 
@@ -86,7 +88,11 @@ def download(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the ensemble."),
     fingerprint: str = typer.Option(None, help="The coordinator key's fingerprint (sha256:...) to pin."),
-    token: str = typer.Option(None, help="A reader (or island) invite, if the state folder holds no identity."),
+    token: str = typer.Option(
+        None,
+        envvar="DDM_TOKEN",
+        help="A reader (or island) invite, if the state folder holds no identity ($DDM_TOKEN).",
+    ),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
     tls_ca: Path = typer.Option(None, help=TLS_HELP),
 ) -> None:
@@ -95,7 +101,7 @@ def download(
 
     try:
         folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token, tls_ca)
-    except (DDMError, TrustError) as exc:
+    except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))
     out.print(f"verified ensemble in {folder}")
 
@@ -109,18 +115,20 @@ def sample(
     sampler: str = typer.Option("euler", help="euler or heun."),
     seed: int = typer.Option(0, help="Seed for the noise."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    fingerprint: str = typer.Option(None, help="Refuse an ensemble not signed by this key."),
+    fingerprint: str = typer.Option(None, help="Trust this key (sha256:...) instead of those pinned in --state-dir."),
+    state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
     out_file: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
-    npz: Path = typer.Option(
-        None, help="Also save the raw samples, (N, C, H, W) in [-1, 1], as an .npz 'images' array."
-    ),
+    npz: Path = typer.Option(None, help="Also save the samples, (N, C, H, W) in [-1, 1], as an .npz 'images' array."),
 ) -> None:
     """Verify a downloaded ensemble again and write a PNG grid of samples."""
-    from .sample import sample_folder
+    from .sample import SampleOptions, sample_to_files
+    from .state import IslandState
 
     try:
-        path = sample_folder(folder, n, routing, steps, sampler, seed, device, fingerprint, out_file, npz)
-    except (DDMError, TrustError) as exc:
+        trusted = {fingerprint} if fingerprint else IslandState(state_dir(state_dir_)).pinned_keys()
+        opts = SampleOptions(n, routing, steps, sampler, seed, device)
+        path = sample_to_files(folder, trusted, opts, out_file, npz)
+    except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))
     out.print(f"wrote {path}" + (f" and {npz}" if npz else ""))
 

@@ -23,6 +23,12 @@ from protocol.limits import (
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE,)
 
 
+def tls_failure(err: grpc.RpcError) -> bool:
+    """A certificate that does not check out: retrying will not help."""
+    details = (err.details() or "").lower()
+    return err.code() == grpc.StatusCode.UNAVAILABLE and ("handshake" in details or "certificate" in details)
+
+
 class ClientError(DDMError):
     """A call the coordinator refused, or a coordinator that cannot be reached."""
 
@@ -60,6 +66,12 @@ class Connection:
 
     def error(self, err: grpc.RpcError, method: str) -> ClientError:
         code = err.code()
+        if tls_failure(err):
+            return ClientError(
+                f"the TLS handshake with {self.address} failed: its certificate does not chain to --tls-ca"
+                " (or it does not speak TLS)",
+                code,
+            )
         if code in TRANSIENT:
             return ClientError(
                 f"the coordinator at {self.address} is unreachable; is `ddm-coordinator serve` running there?", code
@@ -75,7 +87,7 @@ class Connection:
             try:
                 return call()
             except grpc.RpcError as err:
-                if err.code() not in TRANSIENT or attempt == attempts - 1:
+                if err.code() not in TRANSIENT or tls_failure(err) or attempt == attempts - 1:
                     raise self.error(err, method) from None
                 if attempt == 0:
                     console.print(

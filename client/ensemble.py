@@ -28,15 +28,22 @@ from ddm_model.ensemble import RoutedEnsemble
 from ddm_model.fsutil import atomic_path
 from ddm_model.progress import transfer_bar
 from protocol import ddm_pb2 as pb
-from protocol.trust import TrustError, canonical_json, key_fingerprint, sha256_file, verify_signature
+from protocol.trust import (
+    ENTRY_FORMAT,
+    MANIFEST_FORMAT,
+    TrustError,
+    canonical_json,
+    key_fingerprint,
+    sha256_file,
+    verify_signature,
+)
 
 from .connection import Connection
-from .island import enroll
+from .island import enroll, tofu_warning
 from .state import IslandState
 from .transfer import bar_callback, download_artifact
 
 console = Console(stderr=True)
-MANIFEST_FORMAT = "ddm.ensemble/1"
 
 
 @dataclass
@@ -59,6 +66,8 @@ def members(manifest: dict, public_key: bytes) -> list[Member]:
         raise TrustError("the manifest's router and expert list disagree")
     for cluster, item in zip(clusters, manifest["experts"], strict=True):
         entry = item["entry"]
+        if entry.get("format") != ENTRY_FORMAT:
+            raise TrustError(f"unsupported expert entry in the manifest (format {ENTRY_FORMAT} expected)")
         verify_signature(
             public_key, canonical_json(entry), base64.b64decode(item["signature"]), f"expert {entry['expert_id']}"
         )
@@ -77,11 +86,7 @@ def pin_key(state: IslandState, coordinator: str, public_key: bytes, fingerprint
         return
     known = state.known_key(coordinator)
     if known is None:
-        console.print(
-            f"[yellow]warning:[/yellow] trusting the coordinator key {actual} on first use; "
-            "pass --fingerprint to pin it",
-            highlight=False,
-        )
+        tofu_warning(actual)
         state.remember_key(coordinator, actual)
     elif known != actual:
         raise TrustError(
@@ -130,16 +135,23 @@ def download_ensemble(
     return out
 
 
-def load_verified(folder: Path, fingerprint: str | None = None, device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
-    """Check a downloaded ensemble folder end to end, then build the routed ensemble."""
+def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
+    """Check a downloaded ensemble folder end to end against the trusted key fingerprints (the
+    one given on the command line, or those pinned in the state folder), then build the
+    routed ensemble. The key stored in the folder is only used once it is one of them."""
     try:
         public_key = (folder / "coordinator.pub").read_bytes()
         manifest_json = (folder / "manifest.json").read_bytes()
         signature = (folder / "manifest.sig").read_bytes()
     except OSError as exc:
         raise TrustError(f"{folder} is not a downloaded ensemble ({exc.strerror}: {exc.filename})") from None
-    if fingerprint and key_fingerprint(public_key) != fingerprint:
-        raise TrustError(f"{folder} was signed by {key_fingerprint(public_key)}, not {fingerprint}")
+    signer = key_fingerprint(public_key)
+    if signer not in trusted:
+        pinned = ", ".join(sorted(trusted)) or "none"
+        raise TrustError(
+            f"{folder} was signed by {signer}, which is not a trusted key (trusted: {pinned}); "
+            "pass --fingerprint if you trust it"
+        )
     verify_signature(public_key, manifest_json, signature, "the ensemble manifest")
     manifest = json.loads(manifest_json)
     wanted = members(manifest, public_key)

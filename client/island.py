@@ -24,18 +24,27 @@ import torch
 from rich.console import Console
 
 from ddm_model.checkpoint import read_checkpoint_header
-from ddm_model.data import ImageDataset, load_dataset, load_dataset_file
+from ddm_model.data import DataError, ImageDataset, load_dataset, load_dataset_file
 from ddm_model.dit import DiTConfig
 from ddm_model.progress import progress_bar, transfer_bar
 from ddm_model.train import TrainConfig, TrainStopped, train_expert
 from protocol import ddm_pb2 as pb
-from protocol.trust import TrustError, key_fingerprint, verify_signature
+from protocol.trust import TrustError, is_sha256, key_fingerprint, verify_signature
 
 from .connection import ClientError, Connection
 from .state import Identity, IslandState
 from .transfer import bar_callback, download_artifact, upload_checkpoint
 
 console = Console(stderr=True)
+
+
+def tofu_warning(fingerprint: str) -> None:
+    console.print(
+        f"[yellow]warning:[/yellow] trusting the coordinator key {fingerprint} on first use; "
+        "pass --fingerprint to pin the key you were given",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 class LeaseLost(ClientError):
@@ -65,8 +74,17 @@ def enroll(
     pin: str | None,
     tls_ca: Path | None = None,
 ) -> Identity:
-    """The identity kept in the state folder, or a new one from an invite token."""
+    """The identity kept in the state folder, or a new one from an invite token.
+
+    ``role`` is what a new enrollment must yield; an existing island identity also serves for
+    downloads, but a reader identity cannot join.
+    """
     identity = state.identity()
+    if identity is not None and role == "island" and identity.role != "island":
+        raise ClientError(
+            f"{state.root} holds a {identity.role} identity, which may only download; "
+            "use another --state-dir (and an island invite) to join"
+        )
     if identity is not None:
         if identity.coordinator != coordinator:
             # The coordinator moved (or listens on a new port). The credential still has to pass
@@ -93,6 +111,8 @@ def enroll(
         raise TrustError("the coordinator's key and its stated fingerprint disagree; refusing to enroll")
     if pin and fingerprint != pin:
         raise TrustError(f"the coordinator's key is {fingerprint}, not the pinned {pin}; refusing to enroll")
+    if not pin:
+        tofu_warning(fingerprint)
     if reply.role != role:
         raise ClientError(f"this token enrolls a {reply.role}, but a {role} is needed here")
     identity = Identity(
@@ -153,6 +173,8 @@ class Heartbeat(threading.Thread):
 def fetch_data(conn: Connection, lease: pb.Lease, state: IslandState, local: str | None) -> ImageDataset:
     """The lease's cluster, verified against the fingerprints the coordinator sent."""
     if lease.WhichOneof("data") == "shard":
+        if not is_sha256(lease.shard.sha256):
+            raise ClientError("the coordinator sent a malformed shard address")
         path = state.shards / f"{lease.shard.sha256}.safetensors"
         if not path.exists():
             with transfer_bar() as bar:
@@ -163,16 +185,22 @@ def fetch_data(conn: Connection, lease: pb.Lease, state: IslandState, local: str
     if not local:
         raise ClientError("the coordinator sent an index list but this island has no --dataset of its own")
     dataset = load_dataset(local)
+
+    def refuse(reason: str):
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        raise ClientError(reason)
+
     if dataset.fingerprint() != index.dataset_fingerprint:
-        reason = (
+        refuse(
             f"the local dataset {local} has fingerprint {dataset.fingerprint()[:16]}…, the coordinator's"
             f" {index.dataset} has {index.dataset_fingerprint[:16]}…; refusing to train on a different copy"
         )
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
-        raise ClientError(reason)
-    shard = dataset.subset(list(index.ids), name=f"{dataset.name}-cluster-{lease.cluster_id}")
+    try:
+        shard = dataset.subset(list(index.ids), name=f"{dataset.name}-cluster-{lease.cluster_id}")
+    except DataError as exc:
+        refuse(f"the coordinator's index list does not fit the local dataset: {exc}")
     if shard.fingerprint() != lease.shard_fingerprint:
-        raise ClientError("the cluster cut from the local dataset does not match the coordinator's fingerprint")
+        refuse("the cluster cut from the local dataset does not match the coordinator's fingerprint")
     return shard
 
 

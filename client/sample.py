@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,52 +18,45 @@ from ddm_model.recipe import generate
 
 from .ensemble import load_verified
 
+GRID_MAX = 100  # the PNG shows at most this many samples
 
-def sample_images(
-    folder: Path,
-    n: int,
-    routing: str,
-    steps: int,
-    sampler: str = "euler",
-    seed: int = 0,
-    device: str = "cpu",
-    fingerprint: str | None = None,
-) -> torch.Tensor:
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    ensemble, manifest = load_verified(folder, fingerprint, device)
-    parse_routing(routing, len(ensemble))
+
+@dataclass
+class SampleOptions:
+    n: int = 64
+    routing: str = "top2"
+    steps: int = 20
+    sampler: str = "euler"
+    seed: int = 0
+    device: str = "cpu"
+
+
+def sample_images(folder: Path, trusted: set[str], opts: SampleOptions) -> torch.Tensor:
+    """Samples in [-1, 1] from an ensemble folder signed by one of the trusted keys."""
+    if opts.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {opts.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    ensemble, manifest = load_verified(folder, trusted, opts.device)
+    parse_routing(opts.routing, len(ensemble))
     config = manifest["router"]["config"]
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     with progress_bar() as bar:
-        task = bar.add_task(f"sampling ({routing})", total=n, info="")
+        task = bar.add_task(f"sampling ({opts.routing})", total=opts.n, info="")
         images = generate(
-            ensemble.as_velocity(routing),
-            n,
+            ensemble.as_velocity(opts.routing),
+            opts.n,
             shape,
-            steps,
-            sampler,
-            seed=seed,
-            device=device,
+            opts.steps,
+            opts.sampler,
+            seed=opts.seed,
+            device=opts.device,
             on_batch=lambda b: bar.advance(task, b),
         )
     return images.clamp(-1.0, 1.0)  # the ODE may overshoot the image range slightly
 
 
-def sample_folder(
-    folder: Path,
-    n: int,
-    routing: str,
-    steps: int,
-    sampler: str,
-    seed: int,
-    device: str,
-    fingerprint: str | None,
-    out: Path,
-    npz: Path | None = None,
-) -> Path:
-    images = sample_images(folder, n, routing, steps, sampler, seed, device, fingerprint)
+def sample_to_files(folder: Path, trusted: set[str], opts: SampleOptions, png: Path, npz: Path | None) -> Path:
+    images = sample_images(folder, trusted, opts)
     if npz is not None:
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=images.numpy())
-    return save_grid(images[:100], out)
+    return save_grid(images[:GRID_MAX], png)

@@ -80,6 +80,10 @@ class IslandState:
     def known_key(self, coordinator: str) -> str | None:
         return (self._read("known_keys.json") or {}).get(coordinator)
 
+    def pinned_keys(self) -> set[str]:
+        """Every key fingerprint this state folder trusts."""
+        return set((self._read("known_keys.json") or {}).values())
+
     def remember_key(self, coordinator: str, fingerprint: str) -> None:
         keys = self._read("known_keys.json") or {}
         keys[coordinator] = fingerprint

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from protocol import ddm_pb2 as pb
 from protocol.limits import (
     COMPLETE_UPLOAD_DEADLINE_S,
@@ -79,7 +81,9 @@ def upload_checkpoint(
                 timeout=stream_deadline(size - start),
             )
         except ClientError as err:
-            if err.code not in TRANSIENT or attempt == RETRY_ATTEMPTS - 1:
+            # Unreachable or too slow: what was committed stays committed; ask where to resume.
+            resumable = err.code in TRANSIENT or err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not resumable or attempt == RETRY_ATTEMPTS - 1:
                 raise
             time.sleep(RETRY_BACKOFF_S * 2**attempt)
             state = conn.unary("QueryUpload", pb.QueryUploadRequest(upload_id=state.upload_id))
@@ -103,7 +107,7 @@ def download_artifact(conn: Connection, sha256: str, dest: Path, size: int, on_b
                 for chunk in conn.stream_out(
                     "Download", pb.DownloadRequest(sha256=sha256, offset=offset), timeout=stream_deadline(size - offset)
                 ):
-                    if chunk.offset != offset or chunk.size != size:
+                    if chunk.offset != offset or chunk.size != size or offset + len(chunk.data) > size:
                         raise ClientError(f"artifact {sha256[:12]}: the coordinator sent an unexpected chunk")
                     f.write(chunk.data)
                     offset += len(chunk.data)

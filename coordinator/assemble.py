@@ -24,6 +24,7 @@ from ddm_model.data import load_dataset
 from ddm_model.errors import DDMError
 from ddm_model.router import RouterConfig, accuracy_by_time
 from ddm_model.train import TrainConfig, train_router
+from protocol.trust import MANIFEST_FORMAT
 
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
@@ -31,7 +32,6 @@ from .registry import Registry
 from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
-MANIFEST_FORMAT = "ddm.ensemble/1"
 
 
 class AssembleError(DDMError):
@@ -106,12 +106,9 @@ class Assembler:
             on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
         )
         accuracy = accuracy_by_time(result.model, subset.images, targets, bins=5, seed=router_train.seed)
+        metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]}
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
-        result.export(
-            staged,
-            subset.fingerprint(),
-            metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
-        )
+        result.export(staged, subset.fingerprint(), metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
         experts = [
             {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
@@ -128,7 +125,7 @@ class Assembler:
                 "config": router_cfg.to_dict(),
                 "steps": result.steps,
                 "flops": result.flops,
-                "metrics": {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]},
+                "metrics": metrics,
                 "clusters": clusters,
             },
             "experts": experts,

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
 from ddm_model import __version__
@@ -85,7 +87,7 @@ def init(
                 database_url=database,
             )
         )
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
     config = made.load_config()
     out.print(f"initialised {made.root}: {experts} experts on {dataset}, cluster sizes {config.clustering['sizes']}")
@@ -112,9 +114,14 @@ def serve(
             tls = (tls_cert.read_bytes(), tls_key.read_bytes())
         except OSError as exc:
             fail(f"cannot read {exc.filename}: {exc.strerror}")
+        try:
+            x509.load_pem_x509_certificates(tls[0])
+            serialization.load_pem_private_key(tls[1], password=None)
+        except ValueError as exc:
+            fail(f"--tls-cert must be a PEM certificate chain and --tls-key an unencrypted PEM private key ({exc})")
     try:
         server = CoordinatorServer(_home(home), listen, tls)
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
     server.start()
     host = listen.rsplit(":", 1)[0]
@@ -142,13 +149,15 @@ def invite(
     """Print a single-use, expiring invite token (the last line of output)."""
     from .registry import Registry
 
+    if ttl_hours <= 0:
+        fail("--ttl-hours must be positive")
     try:
         h = _home(home)
         config = h.load_config()
         registry = Registry(h.database_url(config))
         token = registry.create_invite(role, ttl_hours * 3600)
         registry.close()
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
     out.print(f"single-use {role} invite, valid for {ttl_hours:g} h:")
     print(token)
@@ -171,7 +180,7 @@ def status(
         fingerprint = SigningKey.load(h.key_path).fingerprint
         report = build_status(h, config, registry, fingerprint)
         registry.close()
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(report, indent=2))
@@ -194,7 +203,7 @@ def assemble(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
         assembler = Assembler(h, config, registry, Store(h.artifacts, h.staging), SigningKey.load(h.key_path))
         ensemble_id = assembler.run(progress=True)
         registry.close()
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
     out.print(f"published ensemble {ensemble_id}")
 
@@ -217,7 +226,7 @@ def demo(
 
     try:
         run_demo(DemoSettings(out_dir, experts, preset, steps, router_steps, routing, samples, sampling_steps, seed))
-    except DDMError as exc:
+    except (DDMError, OSError) as exc:
         fail(str(exc))
 
 

@@ -2,9 +2,11 @@
 and an append-only event log, in SQL through SQLAlchemy 2.0.
 
 SQLite in WAL mode (synchronous=FULL, so a committed row survives a crash) is the default; any
-SQLAlchemy URL works. Every operation is one transaction. Changes that race (two islands
-asking for work, a chunk arriving twice) are conditional UPDATEs checked by row count, so
-they stay correct on any database and with several coordinator threads.
+SQLAlchemy URL works. Every operation is one transaction. Write transactions of one
+coordinator process run one at a time (a lock), so a read-then-write cannot interleave with
+another thread's; state changes are also conditional UPDATEs checked by row count. One
+coordinator process serves a registry; the command-line tools only add invites and
+ensembles beside it.
 
 Errors carry a ``code`` that the gRPC service maps to a status code; this module knows
 nothing of gRPC.
@@ -16,6 +18,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,12 +41,16 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ddm_model.errors import DDMError
 
-EXPERT_STATES = ("open", "leased", "training", "uploading", "uploaded", "verified", "signed")
+# open -> leased -> training -> uploading -> uploaded (every byte committed) -> verified -> signed;
+# an expired or released lease sends any unsigned state back to open.
+UNSIGNED = ("leased", "training", "uploading", "uploaded", "verified")
 ROLES = ("island", "reader")
+STALE_ASSEMBLY_S = 600.0  # an assembly silent this long is taken to have died
 
 
 class RegistryError(DDMError):
@@ -185,13 +192,20 @@ class Registry:
     def __init__(self, url: str, lease_seconds: float = 120.0):
         self.url = url
         self.lease_seconds = lease_seconds
-        self.engine = create_engine(url, future=True)
+        try:
+            self.engine = create_engine(url, future=True)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise RegistryError("invalid_argument", f"cannot use the database URL {url!r}: {exc}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.RLock()
 
     def create(self) -> None:
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise RegistryError("unavailable", f"cannot open the registry database: {exc.orig}") from None
         if self.engine.dialect.name == "sqlite":
             with self.engine.begin() as conn:
                 for op in ("UPDATE", "DELETE"):
@@ -207,7 +221,7 @@ class Registry:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self.Session.begin() as session:
+        with self._write_lock, self.Session.begin() as session:
             yield session
 
     @staticmethod
@@ -412,14 +426,20 @@ class Registry:
     def _reopen(s: Session, expert_id: int) -> None:
         s.execute(
             update(Expert)
-            .where(Expert.id == expert_id, Expert.state.in_(("leased", "training", "uploading")))
+            .where(Expert.id == expert_id, Expert.state.in_(UNSIGNED))
             .values(state="open", updated_at=time.time())
         )
 
     # -- uploads ----------------------------------------------------------------------------
 
-    def begin_upload(self, island_id: str, lease_id: str, size: int, sha256: str, quota: int) -> Upload:
-        """The open upload of this island, expert and file if there is one (resume), else a new one."""
+    def begin_upload(
+        self, island_id: str, lease_id: str, size: int, sha256: str, quota: int
+    ) -> tuple[Upload, list[str]]:
+        """The open upload of this lease for this file if there is one (resume), else a new one.
+
+        A lease has at most one open upload: any other is marked superseded, and its id is
+        returned so that its staged bytes can be deleted.
+        """
         if size <= 0:
             raise RegistryError("invalid_argument", f"upload size must be positive, got {size}")
         if size > quota:
@@ -429,20 +449,24 @@ class Registry:
         now = time.time()
         with self.transaction() as s:
             lease = self._active_lease(s, island_id, lease_id)
-            existing = s.scalars(
-                select(Upload).where(
-                    Upload.island_id == island_id,
-                    Upload.expert_id == lease.expert_id,
-                    Upload.sha256 == sha256,
-                    Upload.size == size,
-                    Upload.state == "open",
-                )
-            ).first()
             lease.deadline_at = now + self.lease_seconds
-            s.execute(update(Expert).where(Expert.id == lease.expert_id).values(state="uploading", updated_at=now))
-            if existing is not None:
-                existing.lease_id = lease.id
-                return existing
+            open_uploads = s.scalars(
+                select(Upload).where(
+                    Upload.island_id == island_id, Upload.expert_id == lease.expert_id, Upload.state == "open"
+                )
+            ).all()
+            keep = next((u for u in open_uploads if u.sha256 == sha256 and u.size == size), None)
+            superseded = [u for u in open_uploads if u is not keep]
+            for old in superseded:
+                old.state, old.reason, old.updated_at = "superseded", "a new upload began for this lease", now
+            s.execute(
+                update(Expert)
+                .where(Expert.id == lease.expert_id, Expert.state.in_(UNSIGNED))
+                .values(state="uploaded" if keep is not None and keep.committed_offset == size else "uploading")
+            )
+            if keep is not None:
+                keep.lease_id = lease.id
+                return keep, [u.id for u in superseded]
             upload = Upload(
                 id=uuid.uuid4().hex[:16],
                 lease_id=lease.id,
@@ -461,7 +485,7 @@ class Registry:
             s.add(upload)
             s.flush()
             self.log(s, "upload_begin", island_id, lease.expert_id, upload_id=upload.id, size=size, sha256=sha256)
-            return upload
+            return upload, [u.id for u in superseded]
 
     def upload_for(self, island_id: str, upload_id: str) -> Upload:
         with self.Session() as s:
@@ -495,6 +519,13 @@ class Registry:
             s.execute(
                 update(Island).where(Island.id == island_id).values(bytes_received=Island.bytes_received + length)
             )
+            if offset + length == upload.size:
+                s.execute(
+                    update(Expert)
+                    .where(Expert.id == upload.expert_id, Expert.state == "uploading")
+                    .values(state="uploaded", updated_at=now)
+                )
+                self.log(s, "uploaded", island_id, upload.expert_id, upload_id=upload.id, sha256=upload.sha256)
             return offset + length
 
     def reject_upload(self, upload_id: str, reason: str) -> None:
@@ -504,10 +535,23 @@ class Registry:
             upload.state, upload.reason, upload.updated_at = "rejected", reason[:2000], time.time()
             self.log(s, "upload_rejected", upload.island_id, upload.expert_id, upload_id=upload_id, reason=reason[:500])
 
-    def mark_uploaded(self, upload: Upload) -> None:
+    def require_active_lease(self, island_id: str, upload: Upload) -> None:
+        """Refuse unless the upload's lease is active (changes nothing)."""
+        with self.Session() as s:
+            self._active_lease(s, island_id, upload.lease_id)
+
+    def mark_verified(self, island_id: str, upload: Upload) -> None:
+        """The checkpoint passed every check and is in the store."""
         with self.transaction() as s:
-            s.execute(update(Expert).where(Expert.id == upload.expert_id).values(state="uploaded"))
-            self.log(s, "uploaded", upload.island_id, upload.expert_id, upload_id=upload.id, sha256=upload.sha256)
+            self._active_lease(s, island_id, upload.lease_id)
+            moved = s.execute(
+                update(Expert)
+                .where(Expert.id == upload.expert_id, Expert.state.in_(("uploaded", "verified")))
+                .values(state="verified", updated_at=time.time())
+            ).rowcount
+            if moved != 1:
+                raise RegistryError("failed_precondition", "the expert is no longer waiting for this upload")
+            self.log(s, "verified", island_id, upload.expert_id, sha256=upload.sha256)
 
     def register_expert(
         self, island_id: str, upload: Upload, size: int, steps: int, entry_json: bytes, signature: bytes
@@ -517,10 +561,9 @@ class Registry:
         with self.transaction() as s:
             lease = self._active_lease(s, island_id, upload.lease_id)
             self.add_artifact(upload.sha256, "expert", size, session=s)
-            self.log(s, "verified", island_id, upload.expert_id, sha256=upload.sha256)
-            s.execute(
+            signed = s.execute(
                 update(Expert)
-                .where(Expert.id == upload.expert_id)
+                .where(Expert.id == upload.expert_id, Expert.state == "verified")
                 .values(
                     state="signed",
                     island_id=island_id,
@@ -530,7 +573,9 @@ class Registry:
                     signature=signature,
                     updated_at=now,
                 )
-            )
+            ).rowcount
+            if signed != 1:
+                raise RegistryError("failed_precondition", "the expert is no longer waiting for this upload")
             s.execute(update(Upload).where(Upload.id == upload.id).values(state="complete", updated_at=now))
             lease.state = "completed"
             self.log(s, "signed", island_id, upload.expert_id, sha256=upload.sha256)
@@ -567,7 +612,15 @@ class Registry:
         with self.transaction() as s:
             running = s.scalars(select(Ensemble).where(Ensemble.state == "training")).first()
             if running is not None:
-                raise RegistryError("failed_precondition", f"ensemble {running.id} is already being assembled")
+                silent = now - running.updated_at
+                if silent < STALE_ASSEMBLY_S:
+                    raise RegistryError(
+                        "failed_precondition",
+                        f"ensemble {running.id} is being assembled (last progress {silent:.0f} s ago); wait for it,"
+                        f" or retry once it has been silent for {STALE_ASSEMBLY_S:.0f} s",
+                    )
+                running.state, running.reason = "failed", f"no progress for {silent:.0f} s; taken over"
+                self.log(s, "assemble_failed", ensemble_id=running.id, reason=running.reason)
             ensemble = Ensemble(
                 state="training", created_at=now, updated_at=now, experts=experts, router_steps=router_steps, reason=""
             )

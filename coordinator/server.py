@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from protocol import ddm_pb2_grpc
-from protocol.limits import SERVER_OPTIONS, SERVER_WORKERS
+from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_WORKERS
 
 from .assemble import Assembler
 from .auth import AuthInterceptor
@@ -40,6 +40,7 @@ class CoordinatorServer:
             ThreadPoolExecutor(max_workers=SERVER_WORKERS),
             interceptors=[AuthInterceptor(self.registry)],
             options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
         )
         ddm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         try:

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 
@@ -20,8 +22,8 @@ from ddm_model.checkpoint import CheckpointError, verify_checkpoint
 from ddm_model.clustering import Clustering
 from protocol import ddm_pb2 as pb
 from protocol import ddm_pb2_grpc
-from protocol.limits import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from protocol.trust import is_sha256, sha256_file
+from protocol.limits import MAX_CHUNK_BYTES, MAX_DOWNLOADS_PER_ISLAND, MAX_METRICS_BYTES, MIN_CHUNK_BYTES
+from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
 from .home import CoordinatorConfig, Home
@@ -118,6 +120,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.on_all_signed = on_all_signed
         self.clustering = Clustering.load(home.clustering_path)
         self._complete_lock = threading.Lock()
+        self._downloads: Counter[str] = Counter()  # streams open per island
+        self._downloads_lock = threading.Lock()
 
     # -- identity and leases ------------------------------------------------------------------
 
@@ -201,9 +205,11 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     def BeginUpload(self, request, context):
         if not is_sha256(request.sha256):
             refuse(context, "invalid_argument", "sha256 must be 64 lowercase hex characters")
-        upload = self.registry.begin_upload(
+        upload, superseded = self.registry.begin_upload(
             context.island.id, request.lease_id, request.size, request.sha256, self.config.max_upload_bytes
         )
+        for old in superseded:
+            self.store.discard_staged(old)
         return self._state(upload)
 
     @rpc
@@ -252,46 +258,62 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                     sha256=upload.sha256, entry_json=expert.entry_json, signature=expert.signature
                 )
             if upload.state != "open":
-                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}: {upload.reason}")
+                refuse(
+                    context,
+                    "failed_precondition",
+                    f"upload {upload.id} is {upload.state} ({upload.reason}); begin a new upload",
+                )
+            self.registry.require_active_lease(island.id, upload)
             if upload.committed_offset != upload.size:
                 refuse(
                     context,
                     "failed_precondition",
                     f"only {upload.committed_offset} of {upload.size} bytes are committed; send the rest first",
                 )
-            path = self.store.seal_staged(upload.id, upload.size)
+            path = self._received(upload)
             reason, provenance = self._validate(path, upload, expert)
             if reason is not None:
                 self.registry.reject_upload(upload.id, reason)
                 self.store.discard_staged(upload.id)
-                refuse(context, "invalid_argument", f"checkpoint rejected: {reason}")
-            self.registry.mark_uploaded(upload)
-            digest, size = self.store.add_file(path, move=True)
+                refuse(context, "invalid_argument", f"checkpoint rejected: {reason}; fix it and upload again")
+            if path != self.store.path(upload.sha256):
+                self.store.add_file(path, move=True, digest=upload.sha256)
+            self.registry.mark_verified(island.id, upload)
             entry = {
-                "format": "ddm.expert-entry/1",
+                "format": ENTRY_FORMAT,
                 "expert_id": expert.id,
                 "cluster_id": expert.cluster_id,
                 "island_id": island.id,
-                "sha256": digest,
-                "size": size,
+                "sha256": upload.sha256,
+                "size": upload.size,
                 **provenance,
                 "signed_at": utc_now(),
             }
             entry_json, signature = self.key.sign(entry)
             all_signed = self.registry.register_expert(
-                island.id, upload, size, provenance["steps"], entry_json, signature
+                island.id, upload, upload.size, provenance["steps"], entry_json, signature
             )
-        log.info("signed expert %d from island %s (%s)", expert.id, island.id, digest[:12])
+        log.info("signed expert %d from island %s (%s)", expert.id, island.id, upload.sha256[:12])
         if all_signed:
             self.on_all_signed()
-        return pb.CompleteUploadReply(sha256=digest, entry_json=entry_json, signature=signature)
+        return pb.CompleteUploadReply(sha256=upload.sha256, entry_json=entry_json, signature=signature)
+
+    def _received(self, upload) -> Path:
+        """The uploaded file: in staging, or already in the store if an earlier completion
+        stopped (a crash, an error) after moving it there."""
+        if self.store.staging_path(upload.id).exists():
+            return self.store.seal_staged(upload.id, upload.size)
+        if self.store.has(upload.sha256):
+            return self.store.path(upload.sha256)
+        self.registry.reject_upload(upload.id, "its staged bytes are gone")
+        raise Refused("failed_precondition", f"upload {upload.id} lost its staged bytes; begin a new upload")
 
     def _validate(self, path, upload, expert) -> tuple[str | None, dict]:
-        """(why a staged checkpoint is refused or None, the provenance of an accepted one).
+        """(why a received checkpoint is refused or None, the provenance of an accepted one).
 
         The header is parsed without executing anything, the expected model is rebuilt from
         the coordinator's own config, and keys, shapes, dtypes and finiteness are checked."""
-        if sha256_file(path) != upload.sha256:
+        if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
             return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
         try:
             info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
@@ -304,6 +326,12 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return "it names a data fingerprint other than its cluster's", {}
         if info.steps != steps:
             return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
+        try:
+            metrics_size = len(canonical_json(info.metrics))
+        except ValueError:
+            return "its metrics hold NaN or infinite numbers", {}
+        if metrics_size > MAX_METRICS_BYTES:
+            return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
         return None, {
             "kind": "expert",
             "config": info.model,
@@ -336,11 +364,24 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         size = self.store.path(sha).stat().st_size
         if not 0 <= request.offset <= size:
             refuse(context, "out_of_range", f"offset {request.offset} is outside the artifact's {size} bytes")
-        for offset, data, total in self.store.read(sha, request.offset, MAX_CHUNK_BYTES):
-            yield pb.DownloadChunk(offset=offset, data=data, size=total)
+        island_id = context.island.id
+        with self._downloads_lock:
+            if self._downloads[island_id] >= MAX_DOWNLOADS_PER_ISLAND:
+                refuse(
+                    context,
+                    "resource_exhausted",
+                    f"at most {MAX_DOWNLOADS_PER_ISLAND} downloads at once per identity; finish one first",
+                )
+            self._downloads[island_id] += 1
+        try:
+            for offset, data, total in self.store.read(sha, request.offset, MAX_CHUNK_BYTES):
+                yield pb.DownloadChunk(offset=offset, data=data, size=total)
+        finally:
+            with self._downloads_lock:
+                self._downloads[island_id] -= 1
 
     @rpc
     def Status(self, request, context):
-        return pb.StatusReply(
-            json=json.dumps(build_status(self.home, self.config, self.registry, self.key.fingerprint))
-        )
+        report = build_status(self.home, self.config, self.registry, self.key.fingerprint)
+        report["coordinator"].pop("home")  # a local path is no business of the caller's
+        return pb.StatusReply(json=json.dumps(report))

@@ -31,9 +31,10 @@ class Store:
     def has(self, sha256: str) -> bool:
         return is_sha256(sha256) and self.path(sha256).exists()
 
-    def add_file(self, source: Path, move: bool = False) -> tuple[str, int]:
-        """Put a file into the store under its own sha256; returns (sha256, size)."""
-        digest = sha256_file(source)
+    def add_file(self, source: Path, move: bool = False, digest: str | None = None) -> tuple[str, int]:
+        """Put a file into the store under its own sha256 (``digest`` if the caller has just
+        computed it); returns (sha256, size)."""
+        digest = digest or sha256_file(source)
         target = self.path(digest)
         size = source.stat().st_size
         if target.exists():
@@ -74,12 +75,16 @@ class Store:
 
     def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
         """Write bytes at their offset and make them durable before anyone records them."""
-        fd = os.open(self.staging_path(upload_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        path = self.staging_path(upload_id)
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data, offset)
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_dir(self.staging)  # the new file's name is durable too
 
     def seal_staged(self, upload_id: str, size: int) -> Path:
         """Cut the staged file to its declared size (bytes past the committed offset from a

@@ -171,8 +171,16 @@ def verify_checkpoint(
     path: str | Path, expect_kind: str | None = None, expect_config: dict | None = None
 ) -> CheckpointInfo:
     """Check a checkpoint fully without building it for use: container, description, config,
-    tensor names, shapes, dtypes and finiteness. Returns the description."""
-    path = Path(path)
+    tensor names, shapes, dtypes and finiteness (one tensor in memory at a time). Returns the
+    description."""
+    info, _ = _verified(Path(path), expect_kind, expect_config, keep=False)
+    return info
+
+
+def _verified(
+    path: Path, expect_kind: str | None, expect_config: dict | None, keep: bool
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+    """The checks of ``verify_checkpoint``; with ``keep``, also the tensors it read."""
     info, table = read_checkpoint_header(path)
     if expect_kind is not None and info.kind != expect_kind:
         raise CheckpointError(f"{path} holds a {info.kind}, expected a {expect_kind}")
@@ -199,11 +207,15 @@ def verify_checkpoint(
             raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, expected {list(ref.shape)}")
         if dtype != _dtype_name(ref.dtype):
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, expected {_dtype_name(ref.dtype)}")
+    state = {}
     with safe_open(str(path), framework="pt") as f:
         for name in expected:
-            if not bool(torch.isfinite(f.get_tensor(name)).all()):
+            tensor = f.get_tensor(name)
+            if not bool(torch.isfinite(tensor).all()):
                 raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
-    return info
+            if keep:
+                state[name] = tensor
+    return info, state
 
 
 def load_checkpoint(
@@ -213,9 +225,7 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Verify, rebuild and load a model; returns (model in eval mode, description)."""
-    info = verify_checkpoint(path, expect_kind, expect_config)
+    info, state = _verified(Path(path), expect_kind, expect_config, keep=True)
     model = build_model(info.kind, info.model, device="cpu")
-    with safe_open(str(path), framework="pt") as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), info

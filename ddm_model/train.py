@@ -110,8 +110,10 @@ class TrainConfig:
         return cls(**data)
 
     def run_identity(self) -> dict:
-        """Settings that must not change across a resume (the step budget may grow)."""
-        skip = {"steps", "checkpoint_every", "log_every"}
+        """Settings that must not change across a resume. The step budget may grow, and the
+        device may change (a resume on another device continues the run, though not bit for
+        bit: its random stream restarts from the seed and the step)."""
+        skip = {"steps", "checkpoint_every", "log_every", "device", "amp", "compile"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -201,8 +203,11 @@ def fit(
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"].to("cpu"))
         step, losses = state["step"], state["losses"]
+        if state.get("device_type") == device.type:
+            generator.set_state(state["rng"].to("cpu"))
+        else:
+            generator.manual_seed(cfg.seed + step)
 
     def save_resume() -> None:
         if resume_path is None:
@@ -213,6 +218,7 @@ def fit(
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "rng": generator.get_state(),
+            "device_type": device.type,
             "step": step,
             "losses": losses,
         }

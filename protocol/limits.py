@@ -46,6 +46,13 @@ SERVER_OPTIONS = [
 ]
 
 SERVER_WORKERS = 32
+# More calls than this wait their turn instead of piling onto the workers.
+SERVER_MAX_CONCURRENT_RPCS = 256
+# Download streams one identity may hold open at once, so that slow readers cannot take every
+# worker away from heartbeats.
+MAX_DOWNLOADS_PER_ISLAND = 4
+# The free-form metrics an island writes into its checkpoint end up, signed, in the manifest.
+MAX_METRICS_BYTES = 16 * 1024
 
 
 def stream_deadline(num_bytes: int) -> float:

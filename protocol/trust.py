@@ -14,6 +14,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+# What the coordinator signs: one entry per expert checkpoint, and the ensemble manifest.
+ENTRY_FORMAT = "ddm.expert-entry/1"
+MANIFEST_FORMAT = "ddm.ensemble/1"
+
 
 class TrustError(Exception):
     """A signature, hash or key that does not check out."""

@@ -117,17 +117,49 @@ def test_uploads_commit_in_order_and_resume(registry):
     with pytest.raises(RegistryError) as err:
         registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=999)
     assert err.value.code == "resource_exhausted"
-    upload = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    upload, superseded = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    assert superseded == []
     assert registry.commit_chunk(a.id, upload, 0, 600) == 600
     with pytest.raises(RegistryError, match="committed offset 600"):
         registry.commit_chunk(a.id, upload, 0, 600)  # the same chunk again
-    again = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
-    assert again.id == upload.id and again.committed_offset == 600
+    again, superseded = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    assert again.id == upload.id and again.committed_offset == 600 and superseded == []
+    assert registry.expert(grant.expert_id).state == "uploading"
     assert registry.commit_chunk(a.id, again, 600, 400) == 1000
     row = registry.upload_for(a.id, upload.id)
     assert (row.chunks, row.bytes_received, row.committed_offset) == (2, 1000, 1000)
     assert registry.snapshot()["islands"][0]["bytes_received"] == 1000
-    assert registry.expert(grant.expert_id).state == "uploading"
+    assert registry.expert(grant.expert_id).state == "uploaded"  # every byte is committed
+
+
+def test_a_lease_holds_one_open_upload(registry):
+    a, _ = enroll(registry)
+    grant = registry.acquire_lease(a.id)
+    first, _ = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    second, superseded = registry.begin_upload(a.id, grant.lease_id, 900, "ef" * 32, quota=1000)
+    assert superseded == [first.id] and second.id != first.id
+    assert registry.upload_for(a.id, first.id).state == "superseded"
+    with pytest.raises(RegistryError, match="does not follow"):
+        registry.commit_chunk(a.id, first, 0, 100)  # a superseded upload takes no more bytes
+
+
+def test_a_stalled_assembly_can_be_taken_over(registry):
+    first = registry.start_ensemble(2, 10)
+    with pytest.raises(RegistryError, match="being assembled"):
+        registry.start_ensemble(2, 10)
+    with registry.transaction() as s:  # make it look silent for longer than the limit
+        from coordinator.registry import STALE_ASSEMBLY_S, Ensemble
+
+        s.get(Ensemble, first).updated_at -= STALE_ASSEMBLY_S + 1
+    second = registry.start_ensemble(2, 10)
+    assert second != first
+    states = {e["id"]: e["state"] for e in registry.snapshot()["ensembles"]}
+    assert states == {first: "failed", second: "training"}
+
+
+def test_a_bad_database_url_is_one_clear_error():
+    with pytest.raises(RegistryError, match="cannot use the database URL"):
+        Registry("nosuchdb://x")
 
 
 def test_event_log_is_append_only(registry, tmp_path):

@@ -438,3 +438,64 @@ def test_assemble_publishes_the_experts_signed_so_far(server, tmp_path):
     assert manifest["router"]["clusters"] == signed
     assert manifest["router"]["config"]["num_clusters"] == 2
     assert [item["entry"]["cluster_id"] for item in manifest["experts"]] == signed
+
+
+def test_a_lease_holds_one_upload_and_a_superseded_one_cannot_complete(server, tmp_path):
+    conn, _ = enroll(server)
+    lease = lease_for(conn)
+    good = train(conn, lease, tmp_path).read_bytes()
+    other = good[:-1] + bytes([good[-1] ^ 1])
+    first = begin(conn, lease, other)
+    second = begin(conn, lease, good)
+    for upload, data in ((first, other), (second, good)):
+        if upload is second:
+            chunk = pb.UploadChunk(
+                upload_id=upload.upload_id, offset=0, data=data, sha256=hashlib.sha256(data).hexdigest()
+            )
+            conn.stream_in("UploadChunks", iter([chunk]), timeout=30)
+    with pytest.raises(ClientError) as err:
+        conn.unary("CompleteUpload", pb.CompleteUploadRequest(upload_id=first.upload_id))
+    refused(err, grpc.StatusCode.FAILED_PRECONDITION, "superseded", "begin a new upload")
+    conn.unary("CompleteUpload", pb.CompleteUploadRequest(upload_id=second.upload_id))
+    assert server.registry.expert(lease.expert_id).state == "signed"
+    assert not server.store.staging_path(first.upload_id).exists()
+
+
+def test_a_completion_cut_short_after_the_move_into_the_store_can_be_retried(server, tmp_path):
+    """As if the coordinator died right after moving the checkpoint into the store."""
+    conn, enrolled = enroll(server)
+    lease = lease_for(conn)
+    data = train(conn, lease, tmp_path).read_bytes()
+    upload = begin(conn, lease, data)
+    chunk = pb.UploadChunk(upload_id=upload.upload_id, offset=0, data=data, sha256=hashlib.sha256(data).hexdigest())
+    conn.stream_in("UploadChunks", iter([chunk]), timeout=30)
+    assert server.registry.expert(lease.expert_id).state == "uploaded"
+    server.store.add_file(server.store.staging_path(upload.upload_id), move=True)
+    reply = conn.unary("CompleteUpload", pb.CompleteUploadRequest(upload_id=upload.upload_id))
+    verify_signature(enrolled.coordinator_public_key, reply.entry_json, reply.signature, "entry")
+    assert json.loads(reply.entry_json)["sha256"] == hashlib.sha256(data).hexdigest()
+    assert server.registry.expert(lease.expert_id).state == "signed"
+
+
+@pytest.mark.parametrize(
+    "metrics,words",
+    [({"loss": float("nan")}, ["NaN"]), ({"blob": "x" * 20_000}, ["metrics take"])],
+    ids=["nan", "too-large"],
+)
+def test_metrics_that_would_spoil_the_manifest_are_refused(server, tmp_path, metrics, words):
+    from ddm_model.checkpoint import load_checkpoint
+
+    conn, _ = enroll(server)
+    lease = lease_for(conn)
+    good = train(conn, lease, tmp_path)
+    model, info = load_checkpoint(good)
+    path = tmp_path / "metrics.safetensors"
+    save_checkpoint(
+        path,
+        model,
+        cluster_id=info.cluster_id,
+        steps=info.steps,
+        data_fingerprint=info.data_fingerprint,
+        metrics=metrics,
+    )
+    complete_rejected(server, conn, lease, path.read_bytes(), *words)
