@@ -73,7 +73,7 @@ def test_plaintext_and_untrusted_certificates_do_not_connect(tls_server, tmp_pat
     other, _ = self_signed()
     (tmp_path / "other.pem").write_bytes(other)
     stranger = Connection(f"127.0.0.1:{server.port}", tls_ca=tmp_path / "other.pem", attempts=3)
-    with pytest.raises(ClientError, match="TLS handshake .* failed: its certificate does not chain"):
+    with pytest.raises(ClientError, match=r"TLS handshake .* failed: its certificate does not chain"):
         stranger.unary("Enroll", pb.EnrollRequest(token=token), timeout=5)
     # The refused attempts did not spend the token.
     assert server.registry.snapshot()["invites"][-1]["used_at"] is None
