@@ -127,15 +127,19 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
         assert sha256_of(ensemble / f"expert-{e['cluster_id']}.safetensors") == e["checkpoint_sha256"]
     assert sha256_of(ensemble / "router.safetensors") == status["router"]["sha256"]
 
+    # Sampling trusts the key the reader's state folder pinned; a folder alone proves nothing.
     png, npz = tmp_path / "x.png", tmp_path / "x.npz"
-    sampled = run("ddm-client", "sample", ensemble, "--n", "16", "--out", png, "--npz", npz)
+    untrusted = run("ddm-client", "sample", ensemble, "--n", "16", "--out", png, "--state-dir", tmp_path / "empty")
+    assert untrusted.returncode == 2 and "not a trusted key" in one_line(untrusted.stderr)
+    trust = ["--state-dir", tmp_path / "reader"]
+    sampled = run("ddm-client", "sample", ensemble, "--n", "16", "--out", png, "--npz", npz, *trust)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     with Image.open(png) as grid:
         assert grid.format == "PNG"
     with np.load(npz) as saved:
         images = saved["images"]
     assert images.shape == (16, 1, 8, 8)
-    assert np.isfinite(images).all()
+    assert np.isfinite(images).all() and images.min() >= -1.0 and images.max() <= 1.0
 
     # One flipped byte in an expert: sampling refuses the folder, in one line naming the file.
     tampered = tmp_path / "tampered"
@@ -145,7 +149,7 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
     png_t, npz_t = tmp_path / "t.png", tmp_path / "t.npz"
-    refused = run("ddm-client", "sample", tampered, "--n", "16", "--out", png_t, "--npz", npz_t)
+    refused = run("ddm-client", "sample", tampered, "--n", "16", "--out", png_t, "--npz", npz_t, *trust)
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = one_line(refused.stderr)
     assert "expert-0.safetensors" in line and "signed manifest" in line, line
