@@ -15,6 +15,9 @@ from protocol.trust import TrustError
 
 from .state import DEFAULT_STATE_DIR
 
+# gRPC's C core prints handshake and connection chatter at INFO; errors reach the user as one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 app = typer.Typer(
     help="Join a ddm coordinator as an island: train an expert locally on its cluster and upload only "
     "the finished checkpoint; download, verify and sample published ensembles.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ from rich.console import Console
 from ddm_model import __version__
 from ddm_model.errors import DDMError
 from ddm_model.progress import console as err_console
+
+# gRPC's C core prints handshake and connection chatter at INFO; errors reach the user as one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 app = typer.Typer(
     help="Coordinate a Decentralized Diffusion Model: cluster the data, lease experts to islands, "
