@@ -301,6 +301,13 @@ def _measure_step_flops(
 # The three kinds of run
 
 
+def seeded(cls: type[nn.Module], config, seed: int) -> nn.Module:
+    """A model whose initial weights depend on ``seed`` alone (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
 def expert_objective(model_cfg: DiTConfig, times: TimeSampler) -> Objective:
     def objective(model, x, y, generator):
         if y is not None:
@@ -338,10 +345,8 @@ def train_expert(
         if dataset.num_classes > model_cfg.num_classes:
             raise TrainError(f"the dataset has {dataset.num_classes} classes, the model {model_cfg.num_classes}")
         labels = dataset.labels
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # initial weights
-        model = DiT(model_cfg)
     identity = {"kind": "expert", "model": model_cfg.to_dict(), "data": dataset.fingerprint()}
+    model = seeded(DiT, model_cfg, cfg.seed)
     objective = expert_objective(model_cfg, cfg.times)
     return fit(
         model,
@@ -375,9 +380,7 @@ def train_router(
         raise TrainError(f"{len(dataset)} samples but {clusters.shape[0]} cluster labels")
     if clusters.min() < 0 or clusters.max() >= router_cfg.num_clusters:
         raise TrainError(f"cluster labels must lie in [0, {router_cfg.num_clusters})")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = Router(router_cfg)
+    model = seeded(Router, router_cfg, cfg.seed)
     labels_digest = hashlib.sha256(clusters.numpy().astype("<i8").tobytes()).hexdigest()
     identity = {
         "kind": "router",
