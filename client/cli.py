@@ -62,6 +62,7 @@ def join(
     fingerprint: str = typer.Option(None, help="Pin the coordinator's key (sha256:...) when enrolling."),
     threads: int = typer.Option(None, min=1, help="CPU threads for training."),
     tls_ca: Path = typer.Option(None, help=TLS_HELP),
+    data: str = typer.Option(None, help="Siloed mode: this island's own data (image folder or .npz); it never leaves."),
 ) -> None:
     """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
     from .island import JoinOptions, run_island
@@ -79,6 +80,7 @@ def join(
                 fingerprint=fingerprint,
                 threads=threads,
                 tls_ca=tls_ca,
+                data=data,
             )
         )
     except (DDMError, TrustError, OSError) as exc:

@@ -59,7 +59,8 @@ class JoinOptions:
     name: str = ""
     device: str = "cpu"
     once: bool = False
-    dataset: str | None = None  # a local copy of the dataset: receive index lists, not shards
+    dataset: str | None = None  # a local copy of the shared dataset: receive index lists, not shards
+    data: str | None = None  # siloed mode: this island's own data, which never leaves it
     fingerprint: str | None = None  # pin the coordinator's key at enrollment
     threads: int | None = None
     tls_ca: Path | None = None  # speak TLS, trusting this CA (PEM)
@@ -170,8 +171,39 @@ class Heartbeat(threading.Thread):
         self.join(timeout=self.interval + 5)
 
 
-def fetch_data(conn: Connection, lease: pb.Lease, state: IslandState, local: str | None) -> ImageDataset:
-    """The lease's cluster, verified against the fingerprints the coordinator sent."""
+def siloed(lease: pb.Lease) -> bool:
+    """A siloed coordinator's lease names no data: the island's own data is its cluster."""
+    return lease.WhichOneof("data") is None
+
+
+def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDataset:
+    """The island's own data, checked against the model's image shape before any training."""
+    if not path:
+        raise ClientError("this coordinator runs in siloed mode: pass --data PATH (your own image folder or .npz)")
+    data = load_dataset(path, labels=False)
+    model = DiTConfig.from_dict(json.loads(lease.model_config_json))
+    want = (model.in_channels, model.image_size, model.image_size)
+    have = (data.channels, data.image_size, data.image_size)
+    if have != want:
+        # The coordinator hears only that the data does not fit, not what it is.
+        reason = f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images"
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        raise ClientError(
+            f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
+            f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)"
+        )
+    return data
+
+
+def fetch_data(
+    conn: Connection, lease: pb.Lease, state: IslandState, local: str | None, silo: str | None = None
+) -> ImageDataset:
+    """The lease's cluster: the island's own data (siloed), or a shard or index list verified
+    against the fingerprints the coordinator sent (shared)."""
+    if siloed(lease):
+        return load_silo(conn, lease, silo)
+    if silo:
+        raise ClientError("--data is for siloed coordinators; this one shares its dataset (drop --data)")
     if lease.WhichOneof("data") == "shard":
         if not is_sha256(lease.shard.sha256):
             raise ClientError("the coordinator sent a malformed shard address")
@@ -234,7 +266,8 @@ def train_lease(
         raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
     if result.resumed_from:
         console.print(f"expert {lease.expert_id}: resumed from local step {result.resumed_from}", highlight=False)
-    result.export(out, data.fingerprint(), cluster_id=lease.cluster_id)
+    # A siloed island sends no fingerprint of its data, not even a hash.
+    result.export(out, "" if siloed(lease) else data.fingerprint(), cluster_id=lease.cluster_id)
     return out
 
 
@@ -282,7 +315,7 @@ def run_island(opts: JoinOptions) -> int:
                 f"lease {lease.lease_id}: expert {lease.expert_id} on cluster {lease.cluster_id}",
                 highlight=False,
             )
-            data = fetch_data(conn, lease, state, opts.dataset)
+            data = fetch_data(conn, lease, state, opts.dataset, opts.data)
             heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)
             heartbeat.start()  # beats through training and upload alike
             try:

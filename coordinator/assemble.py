@@ -1,9 +1,10 @@
 """Router training and ensemble publication, done by the coordinator itself.
 
 Once every expert is signed (or on `ddm-coordinator assemble`, with the experts signed so
-far, at least two), the coordinator trains the router on the clustered dataset with ddm_model,
-stores it as an artifact and publishes a manifest that names the router and the experts by
-sha256, signed as a whole. Router training keeps resume state under HOME/work, so a
+far, at least two), the coordinator trains the router with ddm_model: on the clustered dataset
+in shared mode, and in siloed mode, where it holds no data, on samples drawn from the experts
+themselves. It stores the router as an artifact and publishes a manifest that names the router
+and the experts by sha256, signed as a whole. Router training keeps resume state under HOME/work, so a
 coordinator restarted mid-way continues where it stopped.
 """
 
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from ddm_model.checkpoint import load_checkpoint
 from ddm_model.clustering import Clustering
-from ddm_model.data import load_dataset
+from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.errors import DDMError
-from ddm_model.router import RouterConfig, accuracy_by_time
+from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples
 from ddm_model.train import TrainConfig, train_router
 from protocol.trust import MANIFEST_FORMAT
 
@@ -83,20 +85,16 @@ class Assembler:
             raise
 
     def _assemble(self, ensemble_id: int, signed: list, router_train: TrainConfig, progress) -> int:
-        dataset = load_dataset(self.config.dataset, image_size=self.config.image_size)
-        if dataset.fingerprint() != self.config.dataset_fingerprint:
-            raise AssembleError(f"the dataset at {self.config.dataset} changed since init (fingerprint differs)")
-        clustering = Clustering.load(self.home.clustering_path)
         # Router output i is the i-th signed expert, whatever its cluster id.
         clusters = [e.cluster_id for e in signed]
-        ids = np.concatenate([clustering.members(c) for c in clusters])
-        labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
-        order = np.argsort(ids, kind="stable")
-        subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
-        targets = torch.from_numpy(labels[order])
+        if self.config.mode == "siloed":
+            data, targets, source = self._expert_samples(signed)
+        else:
+            data, targets = self._cluster_data(clusters)
+            source = "the clustered dataset"
         router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
         result = train_router(
-            subset,
+            data,
             targets,
             router_cfg,
             router_train,
@@ -105,10 +103,10 @@ class Assembler:
             description="router",
             on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
         )
-        accuracy = accuracy_by_time(result.model, subset.images, targets, bins=5, seed=router_train.seed)
-        metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]}
+        accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed)
+        metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy], "trained_on": source}
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
-        result.export(staged, subset.fingerprint(), metrics=metrics)
+        result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
         experts = [
             {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
@@ -117,8 +115,9 @@ class Assembler:
             "format": MANIFEST_FORMAT,
             "ensemble_id": ensemble_id,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "mode": self.config.mode,
             "dataset": {"name": self.config.dataset, "fingerprint": self.config.dataset_fingerprint},
-            "clustering_sha256": self.config.clustering["sha256"],
+            "clustering_sha256": self.config.clustering.get("sha256", ""),
             "router": {
                 "sha256": router_sha,
                 "size": router_size,
@@ -135,3 +134,33 @@ class Assembler:
             ensemble_id, router_sha, router_size, [e.checkpoint_sha256 for e in signed], manifest_json, signature
         )
         return ensemble_id
+
+    def _cluster_data(self, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
+        """Shared mode: the samples of the given clusters, labelled by router index."""
+        dataset = load_dataset(self.config.dataset, image_size=self.config.image_size)
+        if dataset.fingerprint() != self.config.dataset_fingerprint:
+            raise AssembleError(f"the dataset at {self.config.dataset} changed since init (fingerprint differs)")
+        clustering = Clustering.load(self.home.clustering_path)
+        ids = np.concatenate([clustering.members(c) for c in clusters])
+        labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
+        order = np.argsort(ids, kind="stable")
+        subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
+        return subset, torch.from_numpy(labels[order])
+
+    def _expert_samples(self, signed: list) -> tuple[ImageDataset, torch.Tensor, str]:
+        """Siloed mode: no real data exists here, so the router learns from samples drawn
+        from each signed expert, labelled with that expert's index."""
+        experts = [
+            load_checkpoint(
+                self.store.path(e.checkpoint_sha256), expect_kind="expert", expect_config=self.config.model
+            )[0]
+            for e in signed
+        ]
+        cfg = self.config.model
+        shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        n = self.config.router_samples
+        images, labels = expert_samples(
+            experts, n, shape, steps=self.config.router_sampling_steps, seed=self.config.router_train["seed"]
+        )
+        data = ImageDataset(images, torch.arange(len(images), dtype=torch.int64), name="expert samples")
+        return data, labels, f"{n} samples drawn from each expert ({self.config.router_sampling_steps} Euler steps)"

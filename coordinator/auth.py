@@ -3,7 +3,8 @@
 It reads ``authorization: Bearer <island id>.<secret>`` from the call's metadata, checks it
 against the registry (constant-time hash comparison), checks the caller's role, and hands the
 servicer an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED or
-PERMISSION_DENIED with a message that says what to do.
+PERMISSION_DENIED with a message that says what to do. It also counts what every island
+sends (serialized request sizes, by kind), so that status can show exactly what left it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ SERVICE = "/ddm.v1.Coordinator/"
 PUBLIC = {SERVICE + "Enroll"}
 READER_ALLOWED = {SERVICE + name for name in ("GetManifest", "Download", "Status")}
 TOUCH_EVERY_S = 2.0
+# What each RPC's requests carry, for the per-island traffic counters: checkpoint chunks,
+# heartbeats, or control messages (leases, upload bookkeeping, downloads requested, status).
+TRAFFIC_KIND = {SERVICE + "UploadChunks": "checkpoint", SERVICE + "Heartbeat": "heartbeat"}
 
 
 class AuthedContext:
@@ -57,6 +61,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, registry: Registry):
         self.registry = registry
         self._touched: dict[str, float] = {}
+        self._traffic: dict[tuple[str, str], tuple[int, int]] = {}  # (island, kind) -> (messages, bytes)
         self._lock = threading.Lock()
 
     def intercept_service(self, continuation, handler_call_details):
@@ -79,11 +84,33 @@ class AuthInterceptor(grpc.ServerInterceptor):
             )
         self._touch(island.id)
         behaviour = _inner(handler)
+        kind = TRAFFIC_KIND.get(method, "control")
 
         def authed(request, context):
+            if handler.request_streaming:
+                request = self._counted(request, island.id, kind)
+            else:
+                self._count(island.id, kind, request.ByteSize())
             return behaviour(request, AuthedContext(context, island))
 
         return _same_kind(handler, authed)
+
+    def _counted(self, requests, island_id: str, kind: str):
+        for message in requests:
+            self._count(island_id, kind, message.ByteSize())
+            yield message
+
+    def _count(self, island_id: str, kind: str, nbytes: int) -> None:
+        with self._lock:
+            messages, total = self._traffic.get((island_id, kind), (0, 0))
+            self._traffic[(island_id, kind)] = (messages + 1, total + nbytes)
+
+    def flush(self) -> None:
+        """Write the traffic counted since the last flush into the registry."""
+        with self._lock:
+            counts, self._traffic = self._traffic, {}
+        if counts:
+            self.registry.add_traffic(counts)
 
     def _touch(self, island_id: str) -> None:
         now = time.monotonic()

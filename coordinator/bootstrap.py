@@ -18,7 +18,7 @@ from ddm_model.dit import DiT, DiTConfig
 from ddm_model.router import RouterConfig
 from ddm_model.train import TrainConfig
 
-from .home import CoordinatorConfig, Home, HomeError
+from .home import MODES, CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
 from .registry import Registry
 from .store import Store
@@ -41,6 +41,9 @@ class InitOptions:
     feature_weights: str | None = None
     seed: int = 0
     image_size: int | None = None
+    channels: int | None = None  # siloed mode only: the coordinator cannot read it off data
+    mode: str = "shared"
+    router_samples: int = 1024  # siloed mode: samples drawn from each expert for the router
     lease_seconds: float = 120.0
     heartbeat_seconds: float = 10.0
     max_upload_mb: float = 0.0
@@ -63,59 +66,52 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         raise HomeError(f"{home.root} exists and is not empty; pick a new or empty folder")
     if opts.lease_seconds <= 0 or opts.heartbeat_seconds <= 0 or opts.heartbeat_seconds >= opts.lease_seconds:
         raise HomeError("need 0 < heartbeat seconds < lease seconds")
+    if opts.mode not in MODES:
+        raise HomeError(f"unknown mode {opts.mode!r}; use {' or '.join(MODES)}")
 
     # Validate every setting before the slow work.
-    dataset = load_dataset(opts.dataset, image_size=opts.image_size)
-    model = DiTConfig(opts.preset, dataset.image_size, dataset.channels, num_classes=0)
-    router = RouterConfig(opts.router_preset, dataset.image_size, dataset.channels, opts.experts)
+    if opts.mode == "siloed":
+        if opts.image_size is None or opts.channels is None:
+            raise HomeError("siloed mode needs --image-size and --channels: the coordinator sees no data to read them")
+        dataset, image_size, channels = None, opts.image_size, opts.channels
+    else:
+        dataset = load_dataset(opts.dataset, image_size=opts.image_size)
+        image_size, channels = dataset.image_size, dataset.channels
+    model = DiTConfig(opts.preset, image_size, channels, num_classes=0)
+    router = RouterConfig(opts.router_preset, image_size, channels, opts.experts)
     train = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed)
     router_train = TrainConfig(steps=opts.router_steps, batch_size=opts.batch_size, lr=opts.router_lr, seed=opts.seed)
-    clustering = cluster_dataset(
-        dataset,
-        opts.experts,
-        method=opts.clustering,
-        features=opts.features,
-        seed=opts.seed,
-        weights=opts.feature_weights,
-    )
+    if opts.mode == "siloed" and opts.router_samples < 1:
+        raise HomeError("--router-samples must be at least 1")
 
     home.root.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{home.root.name}.init-", dir=home.root.parent))
     try:
         staged = Home(build)
         store = Store(staged.artifacts, staged.staging)
-        clustering.save(staged.clustering_path)
-        clustering_sha, clustering_size = store.add_file(staged.clustering_path)
-        shards = []
-        for k in range(opts.experts):
-            shard = dataset.subset(clustering.members(k), name=f"{dataset.name}-cluster-{k}")
-            tmp = build / f"shard-{k}.safetensors"
-            fingerprint = save_dataset_file(shard, tmp)
-            sha, size = store.add_file(tmp, move=True)
-            shards.append((k, sha, size, fingerprint))
+        if dataset is None:
+            experts = [(k, "", "") for k in range(opts.experts)]  # each island brings its own data
+            artifacts, clustering = [], {}
+        else:
+            experts, artifacts, clustering = _cut_shards(opts, dataset, staged, store)
         key = SigningKey.create(staged.key_path)
-
         quota = (
             int(opts.max_upload_mb * 1024 * 1024)
             if opts.max_upload_mb > 0
             else expected_checkpoint_bytes(model) + 1024 * 1024
         )
         config = CoordinatorConfig(
-            dataset=opts.dataset,
-            dataset_fingerprint=dataset.fingerprint(),
+            dataset="" if dataset is None else opts.dataset,
+            dataset_fingerprint="" if dataset is None else dataset.fingerprint(),
             image_size=opts.image_size,
             experts=opts.experts,
-            clustering={
-                "method": clustering.method,
-                "features": clustering.features,
-                "seed": opts.seed,
-                "sha256": clustering_sha,
-                "sizes": clustering.sizes.tolist(),
-            },
+            clustering=clustering,
             model=model.to_dict(),
             train=train.to_dict(),
             router_model=router.to_dict(),
             router_train=router_train.to_dict(),
+            mode=opts.mode,
+            router_samples=opts.router_samples,
             lease_seconds=opts.lease_seconds,
             heartbeat_seconds=opts.heartbeat_seconds,
             max_upload_bytes=quota,
@@ -123,10 +119,9 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         )
         registry = Registry(staged.database_url(config) if not opts.database_url else opts.database_url)
         registry.create()
-        registry.add_artifact(clustering_sha, "clustering", clustering_size)
-        for _, sha, size, _ in shards:
-            registry.add_artifact(sha, "shard", size)
-        registry.add_experts([(k, sha, fingerprint) for k, sha, _, fingerprint in shards])
+        for sha, kind, size in artifacts:
+            registry.add_artifact(sha, kind, size)
+        registry.add_experts(experts)
         registry.close()
         staged.save_config(config)
         if home.root.exists():
@@ -136,6 +131,37 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return home, key.fingerprint
+
+
+def _cut_shards(opts: InitOptions, dataset, staged: Home, store: Store):
+    """Shared mode: cluster the dataset and store one content-addressed shard per cluster.
+    Returns the expert rows, the artifacts (sha256, kind, size) and the clustering summary."""
+    clustering = cluster_dataset(
+        dataset,
+        opts.experts,
+        method=opts.clustering,
+        features=opts.features,
+        seed=opts.seed,
+        weights=opts.feature_weights,
+    )
+    clustering.save(staged.clustering_path)
+    clustering_sha, clustering_size = store.add_file(staged.clustering_path)
+    experts, artifacts = [], [(clustering_sha, "clustering", clustering_size)]
+    for k in range(opts.experts):
+        shard = dataset.subset(clustering.members(k), name=f"{dataset.name}-cluster-{k}")
+        tmp = staged.root / f"shard-{k}.safetensors"
+        fingerprint = save_dataset_file(shard, tmp)
+        sha, size = store.add_file(tmp, move=True)
+        experts.append((k, sha, fingerprint))
+        artifacts.append((sha, "shard", size))
+    summary = {
+        "method": clustering.method,
+        "features": clustering.features,
+        "seed": opts.seed,
+        "sha256": clustering_sha,
+        "sizes": clustering.sizes.tolist(),
+    }
+    return experts, artifacts, summary
 
 
 def lease_train_config(config: CoordinatorConfig, expert_id: int) -> TrainConfig:

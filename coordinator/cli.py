@@ -57,7 +57,10 @@ def init(
     clustering: str = typer.Option("kmeans2", help="kmeans2 (two-stage k-means) or random."),
     features: str = typer.Option("pixels", help="Clustering features: pixels or dinov2."),
     dinov2_weights: str = typer.Option(None, help="Local folder with DINOv2 config.json + model.safetensors."),
-    image_size: int = typer.Option(None, help="Resize images to this square size."),
+    mode: str = typer.Option("shared", help="shared (the coordinator holds the data) or siloed (only islands do)."),
+    image_size: int = typer.Option(None, help="Resize images to this square size (siloed: the islands' image size)."),
+    channels: int = typer.Option(None, help="Siloed mode: image channels (1 grey, 3 RGB)."),
+    router_samples: int = typer.Option(1024, help="Siloed mode: samples drawn from each expert to train the router."),
     seed: int = typer.Option(0, help="Seed for clustering and training."),
     lease_seconds: float = typer.Option(120.0, help="A lease expires this long after its last heartbeat."),
     heartbeat_seconds: float = typer.Option(10.0, help="How often islands report progress."),
@@ -85,6 +88,9 @@ def init(
                 feature_weights=dinov2_weights,
                 seed=seed,
                 image_size=image_size,
+                channels=channels,
+                mode=mode,
+                router_samples=router_samples,
                 lease_seconds=lease_seconds,
                 heartbeat_seconds=heartbeat_seconds,
                 max_upload_mb=max_upload_mb,
@@ -94,7 +100,16 @@ def init(
     except (DDMError, OSError) as exc:
         fail(str(exc))
     config = made.load_config()
-    out.print(f"initialised {made.root}: {experts} experts on {dataset}, cluster sizes {config.clustering['sizes']}")
+    if config.mode == "siloed":
+        model = config.model
+        out.print(
+            f"initialised {made.root} in siloed mode: {experts} experts on the islands' own "
+            f"{model['in_channels']}x{model['image_size']}x{model['image_size']} images; the coordinator holds no data"
+        )
+    else:
+        out.print(
+            f"initialised {made.root}: {experts} experts on {dataset}, cluster sizes {config.clustering['sizes']}"
+        )
     out.print("signing key fingerprint:")
     print(fingerprint)
 

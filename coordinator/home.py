@@ -37,17 +37,23 @@ def resolve_home(home: Path | None) -> Path:
     return Path(env)
 
 
+MODES = ("shared", "siloed")
+
+
 @dataclass
 class CoordinatorConfig:
-    dataset: str  # "digits", an .npz file or an image folder
+    dataset: str  # "digits", an .npz file or an image folder; "" in siloed mode
     dataset_fingerprint: str
     image_size: int | None
     experts: int
-    clustering: dict  # method, features, seed, fine, sha256
+    clustering: dict  # method, features, seed, fine, sha256; {} in siloed mode
     model: dict  # DiTConfig.to_dict()
     train: dict  # TrainConfig.to_dict() given to every island
     router_model: dict  # RouterConfig.to_dict()
     router_train: dict  # TrainConfig.to_dict() for the coordinator's router run
+    mode: str = "shared"  # shared: the coordinator holds the dataset; siloed: only the islands hold data
+    router_samples: int = 1024  # siloed: samples drawn from each expert to train the router on
+    router_sampling_steps: int = 20
     lease_seconds: float = 120.0
     heartbeat_seconds: float = 10.0
     max_upload_bytes: int = 0  # 0: the expected checkpoint size plus 1 MiB of header room
@@ -101,6 +107,9 @@ class Home:
             return CoordinatorConfig(**data)
         except (ValueError, TypeError) as exc:
             raise HomeError(f"{self.config_path} is not a valid coordinator config: {exc}") from None
+
+    def siloed(self) -> bool:
+        return self.load_config().mode == "siloed"
 
     def save_config(self, config: CoordinatorConfig) -> None:
         with atomic_path(self.config_path) as tmp:

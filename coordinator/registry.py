@@ -51,6 +51,12 @@ from ddm_model.errors import DDMError
 UNSIGNED = ("leased", "training", "uploading", "uploaded", "verified")
 ROLES = ("island", "reader")
 STALE_ASSEMBLY_S = 600.0  # an assembly silent this long is taken to have died
+# Island columns that count what it sent, by kind: (messages, bytes).
+TRAFFIC_COLUMNS = {
+    "checkpoint": ("checkpoint_messages", "checkpoint_message_bytes"),
+    "heartbeat": ("heartbeats", "heartbeat_bytes"),
+    "control": ("control_messages", "control_bytes"),
+}
 
 
 class RegistryError(DDMError):
@@ -73,7 +79,14 @@ class Island(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
     last_seen_at: Mapped[float] = mapped_column(Float)
-    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)  # checkpoint bytes committed
+    # What the island sent, as serialized messages, by kind (see AuthInterceptor).
+    checkpoint_messages: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint_message_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    heartbeats: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    control_messages: Mapped[int] = mapped_column(Integer, default=0)
+    control_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Invite(Base):
@@ -297,6 +310,12 @@ class Registry:
                 created_at=now,
                 last_seen_at=now,
                 bytes_received=0,
+                checkpoint_messages=0,
+                checkpoint_message_bytes=0,
+                heartbeats=0,
+                heartbeat_bytes=0,
+                control_messages=0,
+                control_bytes=0,
             )
             s.add(island)
             s.flush()
@@ -316,6 +335,22 @@ class Registry:
         if island is None or not hmac.compare_digest(island.secret_hash, _hash(secret)):
             return None
         return island
+
+    def add_traffic(self, counts: dict[tuple[str, str], tuple[int, int]]) -> None:
+        """Add (messages, bytes) per (island id, kind) to the islands' traffic counters."""
+        with self.transaction() as s:
+            for (island_id, kind), (messages, nbytes) in counts.items():
+                count_col, bytes_col = TRAFFIC_COLUMNS[kind]
+                s.execute(
+                    update(Island)
+                    .where(Island.id == island_id)
+                    .values(
+                        {
+                            count_col: getattr(Island, count_col) + messages,
+                            bytes_col: getattr(Island, bytes_col) + nbytes,
+                        }
+                    )
+                )
 
     def touch(self, island_id: str) -> None:
         with self.transaction() as s:

@@ -36,9 +36,10 @@ class CoordinatorServer:
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
         )
+        self.auth = AuthInterceptor(self.registry)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=SERVER_WORKERS),
-            interceptors=[AuthInterceptor(self.registry)],
+            interceptors=[self.auth],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
         )
@@ -75,6 +76,7 @@ class CoordinatorServer:
     def _reap(self) -> None:
         while not self._stop.wait(REAP_EVERY_S):
             try:
+                self.auth.flush()
                 expired = self.registry.expire_leases()
                 if expired:
                     log.info("%d lease(s) expired; their experts are open again", expired)
@@ -87,4 +89,5 @@ class CoordinatorServer:
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
         self.server.stop(grace).wait()
+        self.auth.flush()
         self.registry.close()

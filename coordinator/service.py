@@ -118,7 +118,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.store = store
         self.key = key
         self.on_all_signed = on_all_signed
-        self.clustering = Clustering.load(home.clustering_path)
+        # Shared mode only: a siloed coordinator holds no data and no clustering.
+        self.clustering = None if config.mode == "siloed" else Clustering.load(home.clustering_path)
         self._complete_lock = threading.Lock()
         self._downloads: Counter[str] = Counter()  # streams open per island
         self._downloads_lock = threading.Lock()
@@ -163,7 +164,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             heartbeat_interval_s=max(1, int(self.config.heartbeat_seconds)),
             shard_fingerprint=grant.shard_fingerprint,
         )
-        if request.local_dataset:
+        if self.clustering is None:
+            pass  # siloed: the island's own data is its cluster; the lease names no data at all
+        elif request.local_dataset:
             lease.index_list.CopyFrom(
                 pb.IndexList(
                     dataset=self.config.dataset,

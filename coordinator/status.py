@@ -34,6 +34,11 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
             "last_seen": _iso(i["last_seen_at"]),
             "seconds_since_seen": round(now - i["last_seen_at"], 1),
             "bytes_received": i["bytes_received"],
+            "sent": {
+                "checkpoint": {"messages": i["checkpoint_messages"], "bytes": i["checkpoint_message_bytes"]},
+                "heartbeats": {"messages": i["heartbeats"], "bytes": i["heartbeat_bytes"]},
+                "control": {"messages": i["control_messages"], "bytes": i["control_bytes"]},
+            },
         }
         for i in snap["islands"]
     ]
@@ -87,6 +92,7 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
         "coordinator": {
             "home": str(home.root),
             "key_fingerprint": key_fingerprint,
+            "mode": config.mode,
             "dataset": config.dataset,
             "dataset_fingerprint": config.dataset_fingerprint,
             "experts": config.experts,
@@ -103,17 +109,28 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
 
 def render_status(status: dict, console: Console) -> None:
     c = status["coordinator"]
+    data = (
+        "siloed: each island trains on its own data, which never leaves it"
+        if c["mode"] == "siloed"
+        else f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…)"
+    )
     head = (
         f"[bold]coordinator[/bold] {c['home']}  key {c['key_fingerprint']}\n"
-        f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…), {c['experts']} experts of preset "
-        f"{c['model_preset']}, {c['steps_per_expert']} steps each"
+        f"{data}; {c['experts']} experts of preset {c['model_preset']}, {c['steps_per_expert']} steps each"
     )
-    islands = Table(title="islands", title_justify="left")
-    for col in ("island", "name", "role", "last seen", "received"):
+    islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
+    for col in ("island", "name", "role", "last seen", "checkpoint", "heartbeats", "control"):
         islands.add_column(col)
     for i in status["islands"]:
+        sent = i["sent"]
         islands.add_row(
-            i["id"], i["name"], i["role"], f"{i['seconds_since_seen']:.0f} s ago", _bytes(i["bytes_received"])
+            i["id"],
+            i["name"],
+            i["role"],
+            f"{i['seconds_since_seen']:.0f} s ago",
+            _bytes(sent["checkpoint"]["bytes"]),
+            f"{sent['heartbeats']['messages']} ({_bytes(sent['heartbeats']['bytes'])})",
+            f"{sent['control']['messages']} ({_bytes(sent['control']['bytes'])})",
         )
     experts = Table(title="experts", title_justify="left")
     for col in ("expert", "cluster", "state", "island", "step", "loss", "img/s", "checkpoint"):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import Block, PatchEmbed, TimestepEmbedder, TrunkConfig, check_geometry, check_int
-from .flow import TimeSampler, interpolate, noise_like, noised
+from .flow import TimeSampler, integrate, interpolate, noise_like, noised
 
 MAX_CLUSTERS = 4096
 
@@ -95,3 +95,30 @@ def accuracy_by_time(
     if was_training:
         router.train()
     return rows
+
+
+@torch.no_grad()
+def expert_samples(
+    experts: list[nn.Module],
+    per_expert: int,
+    shape: tuple[int, int, int],
+    steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training data for a router when no real data may be seen: ``per_expert`` samples drawn
+    from each expert alone (Euler, ``steps`` steps), labelled with that expert's index.
+
+    The router trained on them learns p(k | x_t, t) under a uniform prior over experts; it
+    is then noised with the same path and time distribution as real data would be.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for k, expert in enumerate(experts):
+        for start in range(0, per_expert, batch_size):
+            n = min(batch_size, per_expert - start)
+            noise = torch.randn((n, *shape), generator=generator).to(device)
+            images.append(integrate(expert, noise, steps).clamp(-1, 1).cpu())
+            labels.append(torch.full((n,), k, dtype=torch.int64))
+    return torch.cat(images), torch.cat(labels)
