@@ -1,0 +1,212 @@
+"""Siloed mode end to end: islands train on data only they hold, and nothing of it reaches the
+coordinator but the trained weights, heartbeats and bookkeeping, all counted."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_digits
+
+from tests.e2e.conftest import wait_for
+
+SILOS = 3
+STEPS = 30
+
+
+def make_silos(tmp_path) -> list:
+    """Digits split by clusters computed here, each silo in a folder only its island knows."""
+    digits = load_digits()
+    pixels = (digits.images / 16 * 255).round().astype(np.uint8)
+    labels = KMeans(SILOS, n_init=4, random_state=0).fit_predict(pixels.reshape(len(pixels), -1))
+    silos = []
+    for k in range(SILOS):
+        folder = tmp_path / f"site-{k}" / "private"
+        folder.mkdir(parents=True)
+        path = folder / "images.npz"
+        np.savez(path, images=pixels[labels == k])
+        silos.append((path, pixels[labels == k]))
+    return silos
+
+
+def fingerprints_of(images: np.ndarray) -> list[bytes]:
+    """Byte patterns that would betray the silo's images if any copy reached the coordinator:
+    raw uint8 pixels, and the float32 values the island trains on."""
+    patterns = []
+    for image in images[:5]:
+        patterns.append(image.tobytes())
+        patterns.append((image.astype(np.float32) / 255.0 * 2.0 - 1.0).astype("<f4").tobytes())
+    return patterns
+
+
+@pytest.mark.slow
+def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator, spawn, run, tmp_path):
+    silos = make_silos(tmp_path)
+    coord = coordinator(
+        "--mode",
+        "siloed",
+        "--image-size",
+        "8",
+        "--channels",
+        "1",
+        "--experts",
+        str(SILOS),
+        "--preset",
+        "tiny",
+        "--steps",
+        str(STEPS),
+        "--router-steps",
+        "30",
+        "--router-samples",
+        "128",
+        "--heartbeat-seconds",
+        "1",
+        "--lease-seconds",
+        "30",
+    )
+    islands = [
+        spawn(
+            "ddm-client",
+            "join",
+            "--coordinator",
+            coord.address,
+            "--token",
+            coord.invite(),
+            "--state-dir",
+            tmp_path / f"site-{k}" / "state",
+            "--data",
+            path,
+            "--once",
+            "--threads",
+            "1",
+            label=f"island-{k}",
+        )
+        for k, (path, _) in enumerate(silos)
+    ]
+    for island in islands:
+        assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
+        assert "signed by the coordinator" in island.stderr()
+    wait_for(lambda: coord.status()["ensemble"]["state"] == "published", 180, "the ensemble to be published")
+
+    status = coord.status()
+    assert status["coordinator"]["mode"] == "siloed" and status["coordinator"]["dataset"] == ""
+    assert [e["state"] for e in status["experts"]] == ["signed"] * SILOS
+
+    # The ensemble downloads, verifies and samples like any other.
+    ensemble = tmp_path / "ensemble"
+    reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+    got = run(
+        "ddm-client",
+        "download",
+        "--coordinator",
+        coord.address,
+        "--out",
+        ensemble,
+        "--fingerprint",
+        coord.fingerprint,
+        *reader,
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    manifest = json.loads((ensemble / "manifest.json").read_text())
+    assert (
+        manifest["mode"] == "siloed" and "samples drawn from each expert" in manifest["router"]["metrics"]["trained_on"]
+    )
+    npz = tmp_path / "samples.npz"
+    sampled = run(
+        "ddm-client",
+        "sample",
+        ensemble,
+        "--n",
+        "16",
+        "--out",
+        tmp_path / "s.png",
+        "--npz",
+        npz,
+        "--state-dir",
+        tmp_path / "reader",
+    )
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    with np.load(npz) as saved:
+        assert saved["images"].shape == (16, 1, 8, 8)
+
+    # Stop the coordinator so that its last traffic counts are written, then audit what it got.
+    coord.proc.signal(signal.SIGTERM)
+    assert coord.proc.wait(timeout=30) == 0
+    checkpoints = {}
+    for item in manifest["experts"]:
+        entry = item["entry"]
+        checkpoints[entry["island_id"]] = entry["size"]
+        with safe_open(str(ensemble / f"expert-{entry['cluster_id']}.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["ddm"])["data_fingerprint"] == ""  # not even a hash of the data
+    total_received, total_checkpoints, messages = 0, 0, 0
+    for island in coord.status()["islands"]:
+        if island["role"] != "island":
+            continue
+        sent = island["sent"]
+        size = checkpoints[island["id"]]
+        chunks = sent["checkpoint"]["messages"]
+        # the file, plus per chunk its upload id, offset and sha256 (about 90 bytes)
+        assert size <= sent["checkpoint"]["bytes"] <= size + 128 * chunks
+        assert sent["heartbeats"]["bytes"] <= 48 * sent["heartbeats"]["messages"]
+        assert sent["control"]["messages"] <= 6 and sent["control"]["bytes"] <= 128 * sent["control"]["messages"]
+        total_received += sent["checkpoint"]["bytes"] + sent["heartbeats"]["bytes"] + sent["control"]["bytes"]
+        total_checkpoints += size
+        messages += chunks + sent["heartbeats"]["messages"] + sent["control"]["messages"]
+    assert total_checkpoints <= total_received <= total_checkpoints + 128 * messages
+
+    # The coordinator's home and database hold no image data: no shard or clustering artifact,
+    # and no byte pattern of any silo's images in any file, nor the silos' paths.
+    kinds = {row["kind"] for row in coord.db("SELECT kind FROM artifacts")}
+    assert kinds == {"expert", "router"}
+    files = [p for p in coord.home.rglob("*") if p.is_file()]
+    assert not any("shard" in p.name or "clustering" in p.name for p in files)
+    blobs = [p.read_bytes() for p in files]
+    for path, images in silos:
+        for pattern in fingerprints_of(images):
+            assert not any(pattern in blob for blob in blobs)
+        assert not any(str(path.parent).encode() in blob for blob in blobs)
+
+
+@pytest.mark.slow
+def test_an_island_whose_data_does_not_fit_refuses_before_training(coordinator, run, tmp_path):
+    coord = coordinator(
+        "--mode",
+        "siloed",
+        "--image-size",
+        "16",
+        "--channels",
+        "1",
+        "--experts",
+        "2",
+        "--preset",
+        "tiny",
+        "--steps",
+        "5",
+    )
+    data = tmp_path / "eights.npz"
+    np.savez(data, images=np.zeros((10, 8, 8), dtype=np.uint8))
+    result = run(
+        "ddm-client",
+        "join",
+        "--coordinator",
+        coord.address,
+        "--token",
+        coord.invite(),
+        "--state-dir",
+        tmp_path / "state",
+        "--data",
+        data,
+        "--once",
+    )
+    assert result.returncode == 2
+    assert "holds 1x8x8 images; this coordinator's model needs 1x16x16" in result.stderr
+    assert not (tmp_path / "state" / "work").exists() and not (tmp_path / "state" / "outbox").exists()
+    leases = coord.status()["leases"]
+    assert [lease["state"] for lease in leases] == ["released"]
+    assert [e["state"] for e in coord.status()["experts"]] == ["open", "open"]
+    reason = coord.db("SELECT detail FROM events WHERE kind = 'lease_released'")[0]["detail"]
+    assert "does not fit" in reason and "8x8" not in reason  # the coordinator is not told the island's shape
+    missing = run("ddm-client", "join", "--coordinator", coord.address, "--state-dir", tmp_path / "state", "--once")
+    assert missing.returncode == 2 and "siloed mode: pass --data" in missing.stderr
