@@ -108,9 +108,6 @@ class Home:
         except (ValueError, TypeError) as exc:
             raise HomeError(f"{self.config_path} is not a valid coordinator config: {exc}") from None
 
-    def siloed(self) -> bool:
-        return self.load_config().mode == "siloed"
-
     def save_config(self, config: CoordinatorConfig) -> None:
         with atomic_path(self.config_path) as tmp:
             tmp.write_text(config.to_json())

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -170,17 +169,3 @@ def generate(
         if on_batch is not None:
             on_batch(b)
     return torch.cat(out)
-
-
-def describe_clusters(dataset: ImageDataset, clustering: Clustering) -> list[tuple[int, int, np.ndarray]]:
-    """(cluster, size, class histogram) per cluster, for datasets with labels."""
-    rows = []
-    for k in range(clustering.k):
-        members = dataset.subset(clustering.members(k))
-        hist = (
-            np.bincount(members.labels.numpy(), minlength=dataset.num_classes)
-            if members.labels is not None
-            else np.zeros(0)
-        )
-        rows.append((k, len(members), hist))
-    return rows

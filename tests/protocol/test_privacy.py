@@ -20,7 +20,12 @@ REVIEWED = {
     },
     "ReleaseLeaseRequest": {"lease_id": "identifier", "reason": "fixed text written by the client"},
     "BeginUploadRequest": {"lease_id": "identifier", "size": "checkpoint size", "sha256": "checkpoint hash"},
-    "UploadChunk": {"upload_id": "identifier", "offset": "position", "data": "checkpoint bytes", "sha256": "chunk hash"},
+    "UploadChunk": {
+        "upload_id": "identifier",
+        "offset": "position",
+        "data": "checkpoint bytes",
+        "sha256": "chunk hash",
+    },
     "QueryUploadRequest": {"upload_id": "identifier"},
     "CompleteUploadRequest": {"upload_id": "identifier"},
     "GetManifestRequest": {},
