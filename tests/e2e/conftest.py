@@ -144,6 +144,17 @@ class Coordinator:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def connect_args(self) -> list:
+        """What a `ddm-client` command needs to reach this coordinator."""
+        return ["--coordinator", self.address]
+
+    def connection(self, credential: str | None = None, **kwargs):
+        """A client library connection to this coordinator."""
+        from client.connection import Connection
+
+        return Connection(self.address, credential, **kwargs)
+
     def start(self, timeout: float = 30.0) -> str:
         assert self.proc is None or self.proc.poll() is not None, "already serving"
         self.port = free_port()

@@ -43,7 +43,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def join_args(coord, state_dir: Path, *extra) -> list:
     """`ddm-client join` for one expert on one CPU thread."""
-    return ["join", "--coordinator", coord.address, "--state-dir", state_dir, "--once", "--threads", "1", *extra]
+    return ["join", *coord.connect_args, "--state-dir", state_dir, "--once", "--threads", "1", *extra]
 
 
 def island_id(state_dir: Path) -> str:
@@ -119,7 +119,7 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
 
     # A reader downloads the ensemble, pinning the key printed by init, and samples it.
     ensemble = tmp_path / "ensemble"
-    download = ["download", "--coordinator", coord.address]
+    download = ["download", *coord.connect_args]
     reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
     got = run("ddm-client", *download, "--out", ensemble, "--fingerprint", coord.fingerprint, *reader)
     assert got.returncode == 0, got.stderr[-3000:]
@@ -250,7 +250,7 @@ def _train(lease: pb.Lease, data, checkpoint_dir: Path) -> Path:
 def _island_with_checkpoint(coord, tmp_path: Path, checkpoint_dir: Path):
     state = IslandState(tmp_path / "island")
     identity = enroll(state, coord.address, coord.invite(), "test-island", "island", coord.fingerprint)
-    conn = Connection(coord.address, identity.credential)
+    conn = coord.connection(identity.credential)
     reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest())
     assert reply.WhichOneof("result") == "lease", reply
     lease = reply.lease
@@ -285,7 +285,7 @@ def test_interrupted_upload_resumes_from_the_committed_offset(coordinator, tmp_p
     chunks = math.ceil(size / CHUNK)
     assert chunks >= 8, size  # a real multi-chunk upload
 
-    conn = Connection(coord.address, identity.credential)
+    conn = coord.connection(identity.credential)
     try:
 
         def cut_halfway(offset: int) -> None:
@@ -339,7 +339,7 @@ def test_coordinator_killed_mid_upload_loses_no_committed_data(coordinator, tmp_
     chunks = math.ceil(size / CHUNK)
 
     # Kill the coordinator (SIGKILL: no shutdown code) while the chunks are streaming.
-    conn = Connection(coord.address, identity.credential, attempts=1)
+    conn = coord.connection(identity.credential, attempts=1)
     try:
 
         def kill_halfway(offset: int) -> None:
@@ -365,7 +365,7 @@ def test_coordinator_killed_mid_upload_loses_no_committed_data(coordinator, tmp_
         assert s.read(committed) == f.read(committed)
 
     coord.start()  # the same home, on a new port
-    conn = Connection(coord.address, identity.credential)
+    conn = coord.connection(identity.credential)
     try:
         state = conn.unary("QueryUpload", pb.QueryUploadRequest(upload_id=upload_id))
         assert state.committed_offset == committed
@@ -454,7 +454,7 @@ def test_silent_lease_goes_to_another_island(coordinator, spawn, run, tmp_path):
 
     # Nor can A's identity open an upload for the lease it lost, whatever file it offers.
     identity_a = json.loads((state_a / "identity.json").read_text())
-    conn = Connection(coord.address, identity_a["credential"])
+    conn = coord.connection(identity_a["credential"])
     try:
         size = (state_b / "signed" / f"expert-{expert_id}.safetensors").stat().st_size
         with pytest.raises(ClientError) as refused:

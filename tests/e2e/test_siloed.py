@@ -70,8 +70,7 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
         spawn(
             "ddm-client",
             "join",
-            "--coordinator",
-            coord.address,
+            *coord.connect_args,
             "--token",
             coord.invite(),
             "--state-dir",
@@ -100,8 +99,7 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
     got = run(
         "ddm-client",
         "download",
-        "--coordinator",
-        coord.address,
+        *coord.connect_args,
         "--out",
         ensemble,
         "--fingerprint",
@@ -190,8 +188,7 @@ def test_an_island_whose_data_does_not_fit_refuses_before_training(coordinator, 
     result = run(
         "ddm-client",
         "join",
-        "--coordinator",
-        coord.address,
+        *coord.connect_args,
         "--token",
         coord.invite(),
         "--state-dir",
@@ -208,5 +205,5 @@ def test_an_island_whose_data_does_not_fit_refuses_before_training(coordinator, 
     assert [e["state"] for e in coord.status()["experts"]] == ["open", "open"]
     reason = coord.db("SELECT detail FROM events WHERE kind = 'lease_released'")[0]["detail"]
     assert "does not fit" in reason and "8x8" not in reason  # the coordinator is not told the island's shape
-    missing = run("ddm-client", "join", "--coordinator", coord.address, "--state-dir", tmp_path / "state", "--once")
+    missing = run("ddm-client", "join", *coord.connect_args, "--state-dir", tmp_path / "state", "--once")
     assert missing.returncode == 2 and "siloed mode: pass --data" in missing.stderr
