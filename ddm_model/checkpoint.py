@@ -1,8 +1,9 @@
 """Model checkpoints: safetensors weights with a JSON description in the header.
 
-The header's ``ddm`` metadata entry holds the format, the kind of model (``expert`` or
-``router``), its config (preset and sizes), and provenance: cluster id, training steps and
-FLOPs, the data fingerprint and free-form metrics. ``load_checkpoint`` rebuilds the model
+The header's ``ddm`` metadata entry holds the format, the kind of model (``expert``,
+``router``, or ``student``: a DiT distilled from an ensemble, kept apart from experts so that
+neither can pass for the other), its config (preset and sizes), and provenance: cluster id,
+training steps and FLOPs, the data fingerprint and free-form metrics. ``load_checkpoint`` rebuilds the model
 from that config and refuses, with one clear line, anything that is not exactly what the
 config implies: a file that is not safetensors (a pickle renamed .safetensors included),
 missing or extra tensors, wrong shapes or dtypes, non-finite values, an unknown preset.
@@ -26,7 +27,11 @@ from .fsutil import atomic_path
 from .router import Router, RouterConfig
 
 FORMAT = "ddm.checkpoint/1"
-MODEL_KINDS: dict[str, tuple[type, type]] = {"expert": (DiTConfig, DiT), "router": (RouterConfig, Router)}
+MODEL_KINDS: dict[str, tuple[type, type]] = {
+    "expert": (DiTConfig, DiT),
+    "router": (RouterConfig, Router),
+    "student": (DiTConfig, DiT),
+}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
@@ -107,10 +112,16 @@ def save_checkpoint(
     flops: int = 0,
     data_fingerprint: str = "",
     metrics: dict | None = None,
+    kind: str | None = None,
 ) -> CheckpointInfo:
-    """Write the model's float32 weights and its description, atomically."""
+    """Write the model's float32 weights and its description, atomically. ``kind`` defaults to
+    what the model is (a DiT is an expert unless it is said to be a student)."""
+    if kind is None:
+        kind = kind_of(model)
+    elif kind not in MODEL_KINDS or not isinstance(model, MODEL_KINDS[kind][1]):
+        raise CheckpointError(f"a {type(model).__name__} cannot be saved as a {kind!r}")
     info = CheckpointInfo(
-        kind=kind_of(model),
+        kind=kind,
         model=model.config.to_dict(),
         cluster_id=cluster_id,
         steps=int(steps),

@@ -38,6 +38,29 @@ def parse_routing(routing: str, num_experts: int) -> int:
     return k
 
 
+def mix(
+    experts: Sequence[Velocity],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor | None = None,
+    counts: list[int] | None = None,
+) -> torch.Tensor:
+    """sum_k w[:, k] v_k(x, t) with sparse dispatch: expert k runs once, batched over exactly
+    the rows where its weight is non-zero (``counts[k]`` grows by that many rows)."""
+    out = torch.zeros_like(x)
+    for k, expert in enumerate(experts):
+        rows = w[:, k].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        if counts is not None:
+            counts[k] += rows.numel()
+        v = call_velocity(expert, x[rows], t[rows], None if y is None else y[rows])
+        weight = w[rows, k].view(-1, *([1] * (x.dim() - 1))).to(v.dtype)
+        out.index_add_(0, rows, (weight * v).to(out.dtype))
+    return out
+
+
 class RoutedEnsemble:
     def __init__(self, experts: Sequence[Velocity], router: Router):
         if not experts:
@@ -71,17 +94,7 @@ class RoutedEnsemble:
     def velocity(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, routing: str = "full"
     ) -> torch.Tensor:
-        w = self.weights(x, t, routing)
-        out = torch.zeros_like(x)
-        for k, expert in enumerate(self.experts):
-            rows = w[:, k].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            self.expert_rows[k] += rows.numel()
-            v = call_velocity(expert, x[rows], t[rows], None if y is None else y[rows])
-            weight = w[rows, k].view(-1, *([1] * (x.dim() - 1))).to(v.dtype)
-            out.index_add_(0, rows, (weight * v).to(out.dtype))
-        return out
+        return mix(self.experts, x, t, self.weights(x, t, routing), y, self.expert_rows)
 
     def as_velocity(self, routing: str) -> Velocity:
         def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -131,7 +131,12 @@ class TrainResult:
         return self.steps * self.flops_per_step
 
     def export(
-        self, path: str | Path, data_fingerprint: str, cluster_id: int | None = None, metrics: dict | None = None
+        self,
+        path: str | Path,
+        data_fingerprint: str,
+        cluster_id: int | None = None,
+        metrics: dict | None = None,
+        kind: str | None = None,
     ) -> CheckpointInfo:
         """Write the EMA weights as a checkpoint carrying this run's steps, FLOPs and final loss."""
         final = {"final_loss": self.losses[-1]} if self.losses else {}
@@ -143,6 +148,7 @@ class TrainResult:
             flops=self.flops,
             data_fingerprint=data_fingerprint,
             metrics={**final, **(metrics or {})},
+            kind=kind,
         )
 
 
