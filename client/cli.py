@@ -115,7 +115,8 @@ def download(
 def sample(
     folder: Path = typer.Argument(..., help="A folder written by `ddm-client download`."),
     n: int = typer.Option(64, "--n", min=1, help="Number of samples (the PNG shows the first 100)."),
-    routing: str = typer.Option("top2", help="full, top1, top2, ..."),
+    routing: str = typer.Option("top2", help="full, top1, top2, ... (the ensemble only)."),
+    model: str = typer.Option("ensemble", help="ensemble (the routed experts) or student (the distilled model)."),
     steps: int = typer.Option(20, min=1, help="ODE steps."),
     sampler: str = typer.Option("euler", help="euler or heun."),
     seed: int = typer.Option(0, help="Seed for the noise."),
@@ -125,13 +126,13 @@ def sample(
     out_file: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
     npz: Path = typer.Option(None, help="Also save the samples, (N, C, H, W) in [-1, 1], as an .npz 'images' array."),
 ) -> None:
-    """Verify a downloaded ensemble again and write a PNG grid of samples."""
+    """Verify a downloaded ensemble again and write a PNG grid of samples from it (or its student)."""
     from .sample import SampleOptions, sample_to_files
     from .state import IslandState
 
     try:
         trusted = {fingerprint} if fingerprint else IslandState(state_dir(state_dir_)).pinned_keys()
-        opts = SampleOptions(n, routing, steps, sampler, seed, device)
+        opts = SampleOptions(n, routing, steps, sampler, seed, device, model)
         path = sample_to_files(folder, trusted, opts, out_file, npz)
     except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))

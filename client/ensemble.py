@@ -8,6 +8,7 @@ A downloaded ensemble is a folder:
     coordinator.pub        the coordinator's raw public key
     router.safetensors
     expert-<cluster>.safetensors
+    student.safetensors    the distilled dense model, when the manifest names one
 
 The key is pinned by the fingerprint given on the command line, else by the one this state
 folder saw first for this coordinator (trust on first use, with a warning). ``load_verified``
@@ -16,11 +17,10 @@ checks everything again before a single weight is used.
 
 from __future__ import annotations
 
-import base64
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
@@ -28,15 +28,8 @@ from ddm_model.ensemble import RoutedEnsemble
 from ddm_model.fsutil import atomic_path
 from ddm_model.progress import transfer_bar
 from protocol import ddm_pb2 as pb
-from protocol.trust import (
-    ENTRY_FORMAT,
-    MANIFEST_FORMAT,
-    TrustError,
-    canonical_json,
-    key_fingerprint,
-    sha256_file,
-    verify_signature,
-)
+from protocol.manifest import Member, members
+from protocol.trust import TrustError, key_fingerprint, sha256_file, verify_signature
 
 from .connection import Connection
 from .island import enroll, tofu_warning
@@ -44,37 +37,6 @@ from .state import IslandState
 from .transfer import bar_callback, download_artifact
 
 console = Console(stderr=True)
-
-
-@dataclass
-class Member:
-    name: str  # file name in the ensemble folder
-    kind: str  # "router" or "expert"
-    sha256: str
-    size: int
-    config: dict
-
-
-def members(manifest: dict, public_key: bytes) -> list[Member]:
-    """Router and experts named by a verified manifest, each expert entry's signature checked."""
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise TrustError(f"unsupported ensemble manifest (format {MANIFEST_FORMAT} expected)")
-    router = manifest["router"]
-    found = [Member("router.safetensors", "router", router["sha256"], router["size"], router["config"])]
-    clusters = router["clusters"]
-    if len(clusters) != len(manifest["experts"]):
-        raise TrustError("the manifest's router and expert list disagree")
-    for cluster, item in zip(clusters, manifest["experts"], strict=True):
-        entry = item["entry"]
-        if entry.get("format") != ENTRY_FORMAT:
-            raise TrustError(f"unsupported expert entry in the manifest (format {ENTRY_FORMAT} expected)")
-        verify_signature(
-            public_key, canonical_json(entry), base64.b64decode(item["signature"]), f"expert {entry['expert_id']}"
-        )
-        if entry["cluster_id"] != cluster:
-            raise TrustError("the manifest routes to a cluster its expert entry does not name")
-        found.append(Member(f"expert-{cluster}.safetensors", "expert", entry["sha256"], entry["size"], entry["config"]))
-    return found
 
 
 def pin_key(state: IslandState, coordinator: str, public_key: bytes, fingerprint: str | None) -> None:
@@ -135,10 +97,11 @@ def download_ensemble(
     return out
 
 
-def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
+def verified_members(folder: Path, trusted: set[str]) -> tuple[list[Member], dict]:
     """Check a downloaded ensemble folder end to end against the trusted key fingerprints (the
-    one given on the command line, or those pinned in the state folder), then build the
-    routed ensemble. The key stored in the folder is only used once it is one of them."""
+    one given on the command line, or those pinned in the state folder): the manifest's
+    signature, every expert entry's, and every file's sha256. The key stored in the folder is
+    only used once it is one of them."""
     try:
         public_key = (folder / "coordinator.pub").read_bytes()
         manifest_json = (folder / "manifest.json").read_bytes()
@@ -155,12 +118,31 @@ def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple
     verify_signature(public_key, manifest_json, signature, "the ensemble manifest")
     manifest = json.loads(manifest_json)
     wanted = members(manifest, public_key)
-    models = []
     for m in wanted:
         path = folder / m.name
         if not path.exists() or sha256_file(path) != m.sha256:
             raise TrustError(f"{path} does not match the signed manifest (tampered or incomplete); download again")
-        model, _ = load_checkpoint(path, expect_kind=m.kind, expect_config=m.config, device=device)
-        models.append(model)
-    router, experts = models[0], models[1:]
+    return wanted, manifest
+
+
+def _load(folder: Path, member: Member, device: str):
+    return load_checkpoint(folder / member.name, expect_kind=member.kind, expect_config=member.config, device=device)[0]
+
+
+def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
+    """The routed ensemble of a folder that ``verified_members`` accepts, and its manifest."""
+    wanted, manifest = verified_members(folder, trusted)
+    router = _load(folder, wanted[0], device)
+    experts = [_load(folder, m, device) for m in wanted if m.kind == "expert"]
     return RoutedEnsemble(experts, router), manifest
+
+
+def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The distilled student of a folder that ``verified_members`` accepts, and its manifest."""
+    wanted, manifest = verified_members(folder, trusted)
+    student = [m for m in wanted if m.kind == "student"]
+    if not student:
+        raise TrustError(
+            f"the ensemble in {folder} has no distilled student; run `ddm-coordinator distill` and download again"
+        )
+    return _load(folder, student[0], device), manifest

@@ -1,4 +1,4 @@
-"""Sampling from a downloaded, verified ensemble."""
+"""Sampling from a downloaded, verified ensemble: the routed experts, or the distilled student."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from ddm_model.grid import save_grid
 from ddm_model.progress import progress_bar
 from ddm_model.recipe import generate
 
-from .ensemble import load_verified
+from .ensemble import load_verified, load_verified_student
 
 GRID_MAX = 100  # the PNG shows at most this many samples
+MODELS = ("ensemble", "student")
 
 
 @dataclass
@@ -29,20 +30,27 @@ class SampleOptions:
     sampler: str = "euler"
     seed: int = 0
     device: str = "cpu"
+    model: str = "ensemble"  # the routed ensemble, or the dense student distilled from it
 
 
 def sample_images(folder: Path, trusted: set[str], opts: SampleOptions) -> torch.Tensor:
     """Samples in [-1, 1] from an ensemble folder signed by one of the trusted keys."""
     if opts.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {opts.sampler!r}; use one of {', '.join(SAMPLERS)}")
-    ensemble, manifest = load_verified(folder, trusted, opts.device)
-    parse_routing(opts.routing, len(ensemble))
-    config = manifest["router"]["config"]
+    if opts.model not in MODELS:
+        raise UsageError(f"unknown model {opts.model!r}; use one of {', '.join(MODELS)}")
+    if opts.model == "student":
+        velocity, manifest = load_verified_student(folder, trusted, opts.device)
+        config, what = manifest["student"]["config"], "student"
+    else:
+        ensemble, manifest = load_verified(folder, trusted, opts.device)
+        parse_routing(opts.routing, len(ensemble))
+        velocity, config, what = ensemble.as_velocity(opts.routing), manifest["router"]["config"], opts.routing
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     with progress_bar() as bar:
-        task = bar.add_task(f"sampling ({opts.routing})", total=opts.n, info="")
+        task = bar.add_task(f"sampling ({what})", total=opts.n, info="")
         images = generate(
-            ensemble.as_velocity(opts.routing),
+            velocity,
             opts.n,
             shape,
             opts.steps,

@@ -90,7 +90,7 @@ class Assembler:
         if self.config.mode == "siloed":
             data, targets, source = self._expert_samples(signed)
         else:
-            data, targets = self._cluster_data(clusters)
+            data, targets = cluster_data(self.home, self.config, clusters)
             source = "the clustered dataset"
         router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
         result = train_router(
@@ -135,32 +135,34 @@ class Assembler:
         )
         return ensemble_id
 
-    def _cluster_data(self, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
-        """Shared mode: the samples of the given clusters, labelled by router index."""
-        dataset = load_dataset(self.config.dataset, image_size=self.config.image_size)
-        if dataset.fingerprint() != self.config.dataset_fingerprint:
-            raise AssembleError(f"the dataset at {self.config.dataset} changed since init (fingerprint differs)")
-        clustering = Clustering.load(self.home.clustering_path)
-        ids = np.concatenate([clustering.members(c) for c in clusters])
-        labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
-        order = np.argsort(ids, kind="stable")
-        subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
-        return subset, torch.from_numpy(labels[order])
-
     def _expert_samples(self, signed: list) -> tuple[ImageDataset, torch.Tensor, str]:
-        """Siloed mode: no real data exists here, so the router learns from samples drawn
-        from each signed expert, labelled with that expert's index."""
         experts = [
             load_checkpoint(
                 self.store.path(e.checkpoint_sha256), expect_kind="expert", expect_config=self.config.model
             )[0]
             for e in signed
         ]
-        cfg = self.config.model
-        shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-        n = self.config.router_samples
-        images, labels = expert_samples(
-            experts, n, shape, steps=self.config.router_sampling_steps, seed=self.config.router_train["seed"]
-        )
-        data = ImageDataset(images, torch.arange(len(images), dtype=torch.int64), name="expert samples")
-        return data, labels, f"{n} samples drawn from each expert ({self.config.router_sampling_steps} Euler steps)"
+        return samples_from_experts(self.config, experts)
+
+
+def cluster_data(home: Home, config: CoordinatorConfig, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
+    """Shared mode: the samples of the given clusters, labelled by their index in ``clusters``."""
+    dataset = load_dataset(config.dataset, image_size=config.image_size)
+    if dataset.fingerprint() != config.dataset_fingerprint:
+        raise AssembleError(f"the dataset at {config.dataset} changed since init (fingerprint differs)")
+    clustering = Clustering.load(home.clustering_path)
+    ids = np.concatenate([clustering.members(c) for c in clusters])
+    labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
+    order = np.argsort(ids, kind="stable")
+    subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
+    return subset, torch.from_numpy(labels[order])
+
+
+def samples_from_experts(config: CoordinatorConfig, experts: list) -> tuple[ImageDataset, torch.Tensor, str]:
+    """Siloed mode: no real data exists here, so learn from ``config.router_samples`` samples
+    drawn from each expert, labelled with that expert's index. Returns them and a description."""
+    shape = (config.model["in_channels"], config.model["image_size"], config.model["image_size"])
+    n, steps = config.router_samples, config.router_sampling_steps
+    images, labels = expert_samples(experts, n, shape, steps=steps, seed=config.router_train["seed"])
+    data = ImageDataset(images, torch.arange(len(images), dtype=torch.int64), name="expert samples")
+    return data, labels, f"{n} samples drawn from each expert ({steps} Euler steps)"

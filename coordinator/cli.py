@@ -228,6 +228,33 @@ def assemble(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
 
 
 @app.command()
+def distill(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    steps: int = typer.Option(None, min=1, help="Distillation steps (default: the experts' steps)."),
+    preset: str = typer.Option(None, help="Student model preset (default: the experts')."),
+    data_weight: float = typer.Option(
+        None, min=0.0, help="Weight of the flow-matching term on real data (default 0.25; siloed: 0)."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for training."),
+) -> None:
+    """Distill the latest published ensemble into one dense student and publish it beside the
+    ensemble, in a new signed manifest version."""
+    import torch
+
+    from .distill import DistillOptions, describe
+    from .distill import distill as run_distill
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = run_distill(_home(home), DistillOptions(steps, preset, data_weight, device), progress=True)
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    out.print(describe(report), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("ddm-demo"), "--out", help="Folder for the coordinator, islands and results."),
     experts: int = typer.Option(4, min=2, help="Number of islands, clusters and experts."),

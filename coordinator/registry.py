@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -147,7 +147,7 @@ class Upload(Base):
 class Artifact(Base):
     __tablename__ = "artifacts"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # shard, clustering, expert, router
+    kind: Mapped[str] = mapped_column(String(16))  # shard, clustering, expert, router, student
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
     published: Mapped[bool] = mapped_column(Boolean, default=False)  # part of a published ensemble
@@ -696,6 +696,46 @@ class Registry:
             ensemble = s.get(Ensemble, ensemble_id)
             ensemble.state, ensemble.reason, ensemble.updated_at = "failed", reason[:2000], time.time()
             self.log(s, "assemble_failed", ensemble_id=ensemble_id, reason=reason[:500])
+
+    def publish_student(self, base_id: int, sha256: str, size: int, sign: Callable[[int], tuple[bytes, bytes]]) -> int:
+        """Publish a new version of ensemble ``base_id`` (router and experts unchanged) that
+        adds its distilled student; ``sign(new id)`` returns (manifest, signature). Refused if
+        another ensemble was published or is being assembled since, so the newest published
+        ensemble always has the newest experts."""
+        now = time.time()
+        with self.transaction() as s:
+            published = select(Ensemble).where(Ensemble.state == "published")
+            latest = s.scalars(published.order_by(Ensemble.id.desc())).first()
+            if latest is None or latest.id != base_id:
+                raise RegistryError(
+                    "failed_precondition",
+                    f"ensemble {latest.id if latest else None} was published while distilling ensemble {base_id};"
+                    " run distill again to distill the newer one",
+                )
+            running = s.scalars(select(Ensemble).where(Ensemble.state == "training")).first()
+            if running is not None and now - running.updated_at < STALE_ASSEMBLY_S:
+                raise RegistryError(
+                    "failed_precondition",
+                    f"ensemble {running.id} is being assembled; run distill again once it is published",
+                )
+            self.add_artifact(sha256, "student", size, session=s)
+            s.flush()
+            s.execute(update(Artifact).where(Artifact.sha256 == sha256).values(published=True))
+            version = Ensemble(
+                state="published",
+                created_at=now,
+                updated_at=now,
+                experts=latest.experts,
+                router_step=latest.router_step,
+                router_steps=latest.router_steps,
+                router_sha256=latest.router_sha256,
+                reason="",
+            )
+            s.add(version)
+            s.flush()
+            version.manifest_json, version.signature = sign(version.id)
+            self.log(s, "distilled", ensemble_id=version.id, base_ensemble_id=base_id, student=sha256)
+            return version.id
 
     def latest_published(self) -> Ensemble | None:
         with self.Session() as s:

@@ -180,3 +180,30 @@ def test_any_sqlalchemy_url_works(tmp_path):
     memory.add_experts([(0, SHARD, "f")])
     assert [e.id for e in memory.experts()] == [0]
     memory.close()
+
+
+def test_a_student_is_published_as_a_new_version_of_the_newest_ensemble_only(registry):
+    first = registry.start_ensemble(3, 10)
+    registry.publish_ensemble(first, "cd" * 32, 100, [], b"{}", b"sig")
+    signed_ids = []
+
+    def sign(version):
+        signed_ids.append(version)
+        return b'{"v": %d}' % version, b"sig"
+
+    student = registry.publish_student(first, "ef" * 32, 50, sign)
+    latest = registry.latest_published()
+    assert latest.id == student == signed_ids[0] > first
+    assert (latest.manifest_json, latest.router_sha256, latest.experts) == (b'{"v": %d}' % student, "cd" * 32, 3)
+    artifact = registry.artifact("ef" * 32)
+    assert (artifact.kind, artifact.size, artifact.published) == ("student", 50, True)
+    # Distilled from a version that is no longer the newest: refused, nothing written.
+    with pytest.raises(RegistryError, match=f"ensemble {student} was published while distilling ensemble {first}"):
+        registry.publish_student(first, "aa" * 32, 50, sign)
+    # An assembly under way will publish newer experts: refused too.
+    running = registry.start_ensemble(3, 10)
+    with pytest.raises(RegistryError, match=f"ensemble {running} is being assembled") as err:
+        registry.publish_student(student, "aa" * 32, 50, sign)
+    assert err.value.code == "failed_precondition"
+    assert registry.artifact("aa" * 32) is None and signed_ids == [student]
+    assert registry.latest_published().id == student

@@ -1,0 +1,191 @@
+"""`ddm-coordinator distill`: one dense student from the latest published ensemble, published
+beside it.
+
+The coordinator reads its latest published manifest back and trusts nothing it has not
+checked again: the manifest's signature against its own key, every expert entry's signature,
+every artifact's sha256 and every checkpoint's structure. It then distills the experts into
+one DiT (``ddm_model.distill``), each training sample taught by its cluster's expert:
+
+- shared mode: the clustered dataset (the router's own data, ``assemble.cluster_data``), with
+  the flow-matching term weighted by ``data_weight``;
+- siloed mode, where it holds no data: samples drawn from each expert
+  (``assemble.samples_from_experts``, as for the router), velocity regression only.
+
+Resume state lives under HOME/work/student-<teacher ensemble>-<settings digest>, so a stopped
+run continues and a finished one is not trained again. The student goes into the artifact
+store and a new signed manifest version is published: the same router and experts, plus a
+``student`` entry (sha256, size, config, steps, FLOPs with the teacher passes, the teacher
+ensemble's id, metrics). Manifests stay in format ``ddm.ensemble/1``: the entry is an addition
+that readers without distillation ignore, and the signature covers it like everything else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+
+from rich.progress import Progress
+
+from ddm_model.checkpoint import CheckpointError, load_checkpoint
+from ddm_model.distill import DEFAULT_DATA_WEIGHT, teacher_gap, train_student
+from ddm_model.dit import DiTConfig
+from ddm_model.errors import DDMError
+from ddm_model.flops import count_flops
+from ddm_model.train import TrainConfig
+from protocol.manifest import members
+from protocol.trust import TrustError, canonical_json, sha256_file, verify_signature
+
+from .assemble import cluster_data, samples_from_experts
+from .home import Home
+from .keys import SigningKey
+from .registry import Registry
+from .store import Store
+
+GAP_SAMPLES = 1024  # samples on which the student's distance to its teachers is measured
+
+
+class DistillError(DDMError):
+    """A distillation that cannot run as asked; the message says what to do."""
+
+
+@dataclass
+class DistillOptions:
+    steps: int | None = None  # default: the experts' steps
+    preset: str | None = None  # default: the experts' preset
+    data_weight: float | None = None  # default: DEFAULT_DATA_WEIGHT with real data, 0 without
+    device: str = "cpu"
+
+
+@dataclass
+class DistillReport:
+    ensemble_id: int  # the published manifest version that names the student
+    teacher_ensemble_id: int
+    sha256: str
+    steps: int
+    flops: int
+    published: bool  # False when the latest manifest already named this very student
+
+
+def distill(
+    home: Home, opts: DistillOptions, progress: Progress | bool = True, stop: threading.Event | None = None
+) -> DistillReport:
+    config = home.load_config()
+    registry = Registry(home.database_url(config), lease_seconds=config.lease_seconds)
+    try:
+        store = Store(home.artifacts, home.staging)
+        key = SigningKey.load(home.key_path)
+        return _distill(home, config, registry, store, key, opts, progress, stop)
+    finally:
+        registry.close()
+
+
+def _distill(home, config, registry, store, key, opts, progress, stop) -> DistillReport:
+    latest = registry.latest_published()
+    if latest is None:
+        raise DistillError("no ensemble is published yet; distill once the coordinator has published one")
+    try:
+        verify_signature(key.public_bytes, latest.manifest_json, latest.signature, "the published manifest")
+        manifest = json.loads(latest.manifest_json)
+        wanted = members(manifest, key.public_bytes)
+    except (TrustError, KeyError, TypeError, ValueError) as exc:
+        raise DistillError(f"ensemble {latest.id} does not verify: {exc}") from None
+    teachers, teacher_ids = [], []
+    for m in (m for m in wanted if m.kind == "expert"):
+        path = store.path(m.sha256)
+        if not store.has(m.sha256) or sha256_file(path) != m.sha256:
+            raise DistillError(f"the artifact store's copy of {m.name} does not match the signed manifest")
+        try:
+            teachers.append(load_checkpoint(path, expect_kind="expert", expect_config=m.config, device=opts.device)[0])
+        except CheckpointError as exc:
+            raise DistillError(f"{m.name} is signed but not a valid expert: {exc}") from None
+        teacher_ids.append(m.sha256)
+    # A manifest version that already names a student keeps the id of the ensemble it was taught by.
+    teacher_ensemble_id = manifest.get("student", {}).get("teacher_ensemble_id", manifest["ensemble_id"])
+
+    siloed = config.mode == "siloed"
+    if siloed and opts.data_weight:
+        raise DistillError("a siloed coordinator holds no real data: the data weight must be 0")
+    data_weight = (0.0 if siloed else DEFAULT_DATA_WEIGHT) if opts.data_weight is None else opts.data_weight
+    base = manifest["experts"][0]["entry"]["config"]
+    try:
+        student_cfg = DiTConfig.from_dict({**base, "preset": opts.preset or base["preset"]})
+        train = TrainConfig.from_dict(config.train)
+    except ValueError as exc:
+        raise DistillError(str(exc)) from None
+    train.seed += config.experts  # a seed no expert used
+    train.device = opts.device
+    if opts.steps is not None:
+        train.steps = opts.steps
+
+    sampling_flops = 0
+    if siloed:
+        drawn = []
+        sampling_flops = count_flops(lambda: drawn.append(samples_from_experts(config, teachers)))
+        data, teacher_of, source = drawn[0]
+    else:
+        data, teacher_of = cluster_data(home, config, manifest["router"]["clusters"])
+        source = "the clustered dataset"
+    settings = {"student": student_cfg.to_dict(), "data_weight": data_weight, "train": train.run_identity()}
+    digest = hashlib.sha256(canonical_json(settings)).hexdigest()[:12]
+    result = train_student(
+        data,
+        teacher_of,
+        teachers,
+        teacher_ids,
+        student_cfg,
+        train,
+        data_weight,
+        checkpoint_dir=home.work / f"student-{teacher_ensemble_id}-{digest}",
+        progress=progress,
+        description="student",
+        stop=stop,
+    )
+    gap = teacher_gap(
+        result.model,
+        teachers,
+        data.images[:GAP_SAMPLES].to(opts.device),
+        teacher_of[:GAP_SAMPLES],
+        train.times,
+        seed=train.seed,
+    )
+    metrics = {
+        "teacher_mse": round(gap, 6),
+        "data_weight": data_weight,
+        "trained_on": source,
+        "data_sampling_flops": sampling_flops,
+    }
+    staged = home.work / f"student-{teacher_ensemble_id}-{digest}.safetensors"
+    info = result.export(staged, data.fingerprint() if not siloed else "", metrics=metrics, kind="student")
+    sha, size = store.add_file(staged, move=True)
+    report = DistillReport(latest.id, teacher_ensemble_id, sha, result.steps, result.flops, published=False)
+    if manifest.get("student", {}).get("sha256") == sha:
+        return report
+
+    entry = {
+        "sha256": sha,
+        "size": size,
+        "config": student_cfg.to_dict(),
+        "steps": result.steps,
+        "flops": result.flops,
+        "teacher_ensemble_id": teacher_ensemble_id,
+        "metrics": info.metrics,
+    }
+
+    def sign(version: int) -> tuple[bytes, bytes]:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return key.sign({**manifest, "ensemble_id": version, "created_at": now, "student": entry})
+
+    report.ensemble_id = registry.publish_student(latest.id, sha, size, sign)
+    report.published = True
+    return report
+
+
+def describe(report: DistillReport) -> str:
+    what = "published" if report.published else "already published"
+    return (
+        f"{what} ensemble {report.ensemble_id} with a student distilled from ensemble {report.teacher_ensemble_id}:"
+        f" {report.steps} steps, {report.flops / 1e12:.3g} TFLOP (teacher passes included), sha256 {report.sha256}"
+    )
