@@ -10,6 +10,8 @@ from safetensors import safe_open
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
+from coordinator.distill import DistillError, DistillOptions, distill
+from coordinator.home import Home
 from tests.e2e.conftest import wait_for
 
 SILOS = 3
@@ -165,6 +167,18 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
         for pattern in fingerprints_of(images):
             assert not any(pattern in blob for blob in blobs)
         assert not any(str(path.parent).encode() in blob for blob in blobs)
+
+    # Without data the coordinator still distills a student: from samples of the experts, by
+    # their velocity alone.
+    report = distill(Home(coord.home), DistillOptions(steps=5), progress=False)
+    (row,) = coord.db("SELECT manifest_json FROM ensembles WHERE id = ?", report.ensemble_id)
+    student = json.loads(row["manifest_json"])["student"]
+    assert student["metrics"]["data_weight"] == 0 and student["metrics"]["data_sampling_flops"] > 0
+    assert "128 samples drawn from each expert" in student["metrics"]["trained_on"]
+    with safe_open(str(coord.home / "artifacts" / student["sha256"]), "pt") as f:
+        assert json.loads(f.metadata()["ddm"])["data_fingerprint"] == ""
+    with pytest.raises(DistillError, match="holds no real data"):
+        distill(Home(coord.home), DistillOptions(steps=5, data_weight=0.5), progress=False)
 
 
 @pytest.mark.slow
