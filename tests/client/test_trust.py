@@ -8,17 +8,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.connection import ClientError
-from client.ensemble import load_verified
+from client.ensemble import load_verified, load_verified_student
 from client.island import enroll
 from client.state import Identity, IslandState
-from ddm_model.checkpoint import save_checkpoint
+from ddm_model.checkpoint import CheckpointError, save_checkpoint
 from ddm_model.dit import DiT, DiTConfig
 from ddm_model.router import Router, RouterConfig
 from protocol.trust import ENTRY_FORMAT, MANIFEST_FORMAT, TrustError, canonical_json, key_fingerprint, sha256_file
 
 
-def make_ensemble(folder, private=None):
-    """A two-expert ensemble folder signed by ``private`` (a fresh key by default)."""
+def make_ensemble(folder, private=None, student_kind=None):
+    """A two-expert ensemble folder signed by ``private`` (a fresh key by default), with a
+    student checkpoint of ``student_kind`` if given."""
     private = private or Ed25519PrivateKey.generate()
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,11 @@ def make_ensemble(folder, private=None):
         },
         "experts": experts,
     }
+    if student_kind is not None:
+        path = folder / "student.safetensors"
+        save_checkpoint(path, DiT(DiTConfig("tiny", 8, 1)), steps=1, kind=student_kind)
+        config = DiTConfig("tiny", 8, 1).to_dict()
+        manifest["student"] = {"sha256": sha256_file(path), "size": path.stat().st_size, "config": config}
     data = canonical_json(manifest)
     (folder / "manifest.json").write_bytes(data)
     (folder / "manifest.sig").write_bytes(private.sign(data))
@@ -97,3 +103,19 @@ def test_a_reader_identity_cannot_join(tmp_path):
     # ...but it serves for downloads, without contacting anyone
     assert enroll(state, "127.0.0.1:1", None, "x", "reader", None).island_id == "r1"
     assert (tmp_path / "state" / "identity.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_signed_student_loads_alone_and_only_as_a_student(tmp_path):
+    fp = make_ensemble(tmp_path / "ens", student_kind="student")
+    student, manifest = load_verified_student(tmp_path / "ens", {fp})
+    assert isinstance(student, DiT) and manifest["student"]["config"]["preset"] == "tiny"
+    ensemble, _ = load_verified(tmp_path / "ens", {fp})  # the routed ensemble still loads beside it
+    assert len(ensemble) == 2
+    # An expert checkpoint named as the student, even signed, is refused by its header's kind.
+    fp = make_ensemble(tmp_path / "swapped", student_kind="expert")
+    with pytest.raises(CheckpointError, match="holds a expert, expected a student"):
+        load_verified_student(tmp_path / "swapped", {fp})
+    # A manifest without a student says what to do.
+    fp = make_ensemble(tmp_path / "plain")
+    with pytest.raises(TrustError, match="no distilled student; run `ddm-coordinator distill`"):
+        load_verified_student(tmp_path / "plain", {fp})
