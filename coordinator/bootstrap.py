@@ -1,6 +1,6 @@
-"""`ddm-coordinator init`: cluster the dataset, cut one shard per cluster, make the signing key
-and the registry. Everything is built in a temporary folder beside the home and renamed into
-place at the end, so a failed init leaves nothing half made."""
+"""`ddm-coordinator init`: cluster the dataset, cut one shard per cluster, make the signing key,
+the TLS certificate and the registry. Everything is built in a temporary folder beside the home
+and renamed into place at the end, so a failed init leaves nothing half made."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .home import MODES, CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
 from .registry import Registry
 from .store import Store
+from .tls import write_certificate
 
 
 @dataclass
@@ -48,6 +49,7 @@ class InitOptions:
     heartbeat_seconds: float = 10.0
     max_upload_mb: float = 0.0
     database_url: str = ""
+    tls_names: tuple[str, ...] = ()  # names (DNS or IP) the TLS certificate adds to localhost and the hostname
 
 
 def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
@@ -58,7 +60,8 @@ def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
 
 
 def init_home(opts: InitOptions) -> tuple[Home, str]:
-    """Create a coordinator home; returns it and the signing key's fingerprint."""
+    """Create a coordinator home; returns it and the signing key's fingerprint (the TLS
+    certificate's is ``tls.home_fingerprint(home)``)."""
     home = Home(opts.home)
     if home.exists():
         raise HomeError(f"{home.root} is already a coordinator home; pick another folder")
@@ -95,6 +98,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         else:
             experts, artifacts, clustering = _cut_shards(opts, dataset, staged, store)
         key = SigningKey.create(staged.key_path)
+        write_certificate(staged, list(opts.tls_names))
         quota = (
             int(opts.max_upload_mb * 1024 * 1024)
             if opts.max_upload_mb > 0

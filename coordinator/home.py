@@ -2,6 +2,8 @@
 
     HOME/config.json           what `init` decided: dataset, experts, model and training settings
     HOME/signing_key.pem       the Ed25519 signing key (mode 0600)
+    HOME/tls_cert.pem          the self-signed TLS certificate `serve` presents (islands pin it)
+    HOME/tls_key.pem           its ECDSA P-256 key (mode 0600)
     HOME/ddm.db                the SQLite registry (unless config names another database URL)
     HOME/clustering.safetensors
     HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
@@ -74,6 +76,14 @@ class Home:
     @property
     def key_path(self) -> Path:
         return self.root / "signing_key.pem"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.root / "tls_cert.pem"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.root / "tls_key.pem"
 
     @property
     def clustering_path(self) -> Path:

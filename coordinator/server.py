@@ -18,14 +18,16 @@ from .keys import SigningKey
 from .registry import Registry
 from .service import CoordinatorService
 from .store import Store
+from .tls import ServerTls
 
 log = logging.getLogger("ddm.coordinator")
 REAP_EVERY_S = 1.0
 
 
 class CoordinatorServer:
-    def __init__(self, home: Home, listen: str, tls: tuple[bytes, bytes] | None = None):
-        """``tls``: (certificate chain PEM, private key PEM) to serve TLS; None serves plaintext."""
+    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None):
+        """``tls``: the certificate (and, for mutual TLS, the client CA) to serve TLS with; None
+        serves plaintext (in-process tests, loopback)."""
         self.home = home
         self.config = home.load_config()
         self.key = SigningKey.load(home.key_path)
@@ -48,8 +50,7 @@ class CoordinatorServer:
             if tls is None:
                 self.port = self.server.add_insecure_port(listen)
             else:
-                chain, key = tls
-                self.port = self.server.add_secure_port(listen, grpc.ssl_server_credentials([(key, chain)]))
+                self.port = self.server.add_secure_port(listen, tls.credentials())
         except RuntimeError:
             self.port = 0
         if not self.port:

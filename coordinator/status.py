@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .home import CoordinatorConfig, Home
 from .registry import Registry
+from .tls import home_fingerprint
 
 
 def _iso(ts: float | None) -> str | None:
@@ -92,6 +93,7 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
         "coordinator": {
             "home": str(home.root),
             "key_fingerprint": key_fingerprint,
+            "tls_fingerprint": home_fingerprint(home),
             "mode": config.mode,
             "dataset": config.dataset,
             "dataset_fingerprint": config.dataset_fingerprint,
@@ -114,8 +116,10 @@ def render_status(status: dict, console: Console) -> None:
         if c["mode"] == "siloed"
         else f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…)"
     )
+    tls = c.get("tls_fingerprint") or "none (create one with `ddm-coordinator tls`)"
     head = (
         f"[bold]coordinator[/bold] {c['home']}  key {c['key_fingerprint']}\n"
+        f"TLS certificate {tls}\n"
         f"{data}; {c['experts']} experts of preset {c['model_preset']}, {c['steps_per_expert']} steps each"
     )
     islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
