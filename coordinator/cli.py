@@ -139,7 +139,6 @@ def serve(
     """Run the coordinator until interrupted. TLS with the home's certificate unless told otherwise."""
     from protocol.address import is_loopback, split_address
 
-    from .server import CoordinatorServer
     from .tls import load_server_tls
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -160,6 +159,8 @@ def serve(
     try:
         h = _home(home)
         tls = None if no_tls else load_server_tls(h, tls_cert, tls_key, client_ca)
+        from .server import CoordinatorServer  # after the checks: it imports torch
+
         server = CoordinatorServer(h, listen, tls)
     except (DDMError, OSError) as exc:
         fail(str(exc))

@@ -249,7 +249,7 @@ def _train(lease: pb.Lease, data, checkpoint_dir: Path) -> Path:
 
 def _island_with_checkpoint(coord, tmp_path: Path, checkpoint_dir: Path):
     state = IslandState(tmp_path / "island")
-    identity = enroll(state, coord.address, coord.invite(), "test-island", "island", coord.fingerprint)
+    identity = enroll(state, coord.address, coord.invite(), "test-island", "island", coord.fingerprint, coord.tls)
     conn = coord.connection(identity.credential)
     reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest())
     assert reply.WhichOneof("result") == "lease", reply
