@@ -357,6 +357,7 @@ def test_every_state_change_writes_an_event(registry):
     assert kinds["supersede"] == ["upload_superseded", "upload_begin"]
     assert kinds["resume"] == ["upload_resumed"] and kinds["chunk"] == [] and kinds["progress"] == []
     assert kinds["expire"] == ["lease_expired"]
+    assert not any(a["published"] for a in r.snapshot()["artifacts"])  # the withdrawn ensemble's files
     assert kinds["revoke with exclude"] == ["revoked", "expert_excluded", "withdrawn", *["unpublished"] * 3]
 
 
