@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,7 +100,7 @@ class Assembler:
             targets,
             router_cfg,
             router_train,
-            checkpoint_dir=self.home.work / ("router-" + "-".join(map(str, clusters))),
+            checkpoint_dir=self._resume_dir(signed),
             progress=progress,
             description="router",
             on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
@@ -134,6 +136,16 @@ class Assembler:
             ensemble_id, router_sha, router_size, [e.checkpoint_sha256 for e in signed], manifest_json, signature
         )
         return ensemble_id
+
+    def _resume_dir(self, signed: list) -> Path:
+        """Where router training keeps its resume state: one folder per set of inputs the router
+        learns from. In shared mode that is the clusters' data alone; in siloed mode the samples
+        come from the experts themselves, so a retrained expert (after an exclusion) needs a
+        fresh run, not the resume state of its predecessor."""
+        key = "-".join(str(e.cluster_id) for e in signed)
+        if self.config.mode == "siloed":
+            key += "-" + hashlib.sha256("".join(e.checkpoint_sha256 for e in signed).encode()).hexdigest()[:16]
+        return self.home.work / f"router-{key}"
 
     def _cluster_data(self, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
         """Shared mode: the samples of the given clusters, labelled by router index."""

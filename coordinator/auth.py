@@ -1,10 +1,13 @@
 """The server interceptor that authenticates every RPC but Enroll.
 
 It reads ``authorization: Bearer <island id>.<secret>`` from the call's metadata, checks it
-against the registry (constant-time hash comparison), checks the caller's role, and hands the
-servicer an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED or
-PERMISSION_DENIED with a message that says what to do. It also counts what every island
-sends (serialized request sizes, by kind), so that status can show exactly what left it.
+against the registry (constant-time hash comparison) on every call, with nothing cached, checks
+that the coordinator has not revoked the island and the caller's role, and hands the servicer
+an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED (no valid
+credential) or PERMISSION_DENIED (revoked, or the wrong role) with a message that says what to
+do. A stream already open when its island is revoked is refused at its next chunk by the
+registry (``Registry.commit_chunk``, ``Registry.still_readable``). It also counts what every
+island sends (serialized request sizes, by kind), so that status can show exactly what left it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import grpc
 
 from protocol import auth
 
-from .registry import Island, Registry
+from .registry import Island, Registry, revoked_message
 
 SERVICE = "/ddm.v1.Coordinator/"
 PUBLIC = {SERVICE + "Enroll"}
@@ -78,6 +81,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid credential; enroll with an invite token (ddm-client join --token ...)",
             )
+        if island.revoked_at is not None:
+            return self._refuse(handler, grpc.StatusCode.PERMISSION_DENIED, revoked_message(island.revoked_reason))
         if island.role != "island" and method not in READER_ALLOWED:
             return self._refuse(
                 handler, grpc.StatusCode.PERMISSION_DENIED, f"a {island.role} identity may not call {method}"

@@ -259,18 +259,24 @@ def invite(
 def status(
     home: Path = typer.Option(None, help=HOME_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    events: int = typer.Option(
+        None, min=0, help="Show the last N events of the log (default: 10 in the tables, none in --json)."
+    ),
 ) -> None:
-    """Show islands, experts, leases, router and ensemble state, and the key fingerprint."""
+    """Show islands, experts, leases, router and ensemble state, the key fingerprint and the
+    latest events (`ddm-coordinator events` shows more)."""
     from .keys import SigningKey
     from .registry import Registry
     from .status import build_status, render_status
 
+    if events is None:
+        events = 0 if as_json else 10
     try:
         h = _home(home)
         config = h.load_config()
         registry = Registry(h.database_url(config))
         fingerprint = SigningKey.load(h.key_path).fingerprint
-        report = build_status(h, config, registry, fingerprint)
+        report = build_status(h, config, registry, fingerprint, events=events)
         registry.close()
     except (DDMError, OSError) as exc:
         fail(str(exc))
@@ -278,6 +284,91 @@ def status(
         print(json.dumps(report, indent=2))
     else:
         render_status(report, out)
+
+
+@app.command()
+def events(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    island: str = typer.Option(None, help="Only the events of this island."),
+    kind: str = typer.Option(None, help="Only events of this kind (enroll, lease, signed, revoked, ...)."),
+    limit: int = typer.Option(50, min=0, help="The last N matching events (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the append-only event log: every state change, oldest first."""
+    from .registry import Registry
+    from .status import build_events, render_events
+
+    try:
+        h = _home(home)
+        registry = Registry(h.database_url(h.load_config()))
+        rows = build_events(registry, limit=limit or None, island_id=island, kind=kind)
+        registry.close()
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        render_events(rows, out, title=f"{len(rows)} events")
+
+
+@app.command()
+def revoke(
+    island: str = typer.Argument(..., help="The island's id (as `ddm-coordinator status` lists it)."),
+    home: Path = typer.Option(None, help=HOME_HELP),
+    reason: str = typer.Option("", help="Why; the island is told, and the event log keeps it."),
+    exclude: bool = typer.Option(
+        False, "--exclude", help="Also drop its signed experts and republish the ensemble without them."
+    ),
+) -> None:
+    """End an island's access at once (also while `serve` runs): its leases end, its unfinished
+    uploads are discarded; with --exclude its experts open again for other islands and the
+    ensemble is republished without them."""
+    from .registry import Registry
+    from .store import Store
+
+    try:
+        h = _home(home)
+        config = h.load_config()
+        registry = Registry(h.database_url(config), lease_seconds=config.lease_seconds)
+        store = Store(h.artifacts, h.staging)
+        done = registry.revoke(island, reason, exclude=exclude)
+        for upload_id in done.uploads:
+            store.discard_staged(upload_id)
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"revoked island {done.island_id} ({done.reason}); its next call is refused", highlight=False)
+    leases = ", ".join(f"{lease} (expert {expert})" for lease, expert in done.leases)
+    out.print(f"leases ended: {leases or 'none'}; their experts are open again", highlight=False)
+    out.print(f"uploads discarded: {', '.join(done.uploads) or 'none'}", highlight=False)
+    if exclude:
+        out.print(f"experts reopened: {', '.join(map(str, done.experts)) or 'none'}", highlight=False)
+        out.print(f"ensembles withdrawn: {', '.join(map(str, done.withdrawn)) or 'none'}", highlight=False)
+        if done.stopped:
+            out.print(f"assemblies stopped: {', '.join(map(str, done.stopped))}", highlight=False)
+        if done.withdrawn or done.stopped:
+            _republish(h, config, registry, store)
+    registry.close()
+
+
+def _republish(h, config, registry, store) -> None:
+    """After an exclusion: publish the ensemble again over the experts still signed."""
+    signed = sum(e.state == "signed" for e in registry.experts())
+    if signed < 2:
+        out.print(
+            f"not republished: {signed} signed expert(s) remain and an ensemble needs 2; the excluded experts"
+            " are open for other islands to retrain",
+            highlight=False,
+        )
+        return
+    from .assemble import Assembler  # torch: imported only when a router is to be trained
+    from .keys import SigningKey
+
+    try:
+        assembler = Assembler(h, config, registry, store, SigningKey.load(h.key_path))
+        ensemble_id = assembler.run(progress=True)
+    except (DDMError, OSError) as exc:
+        fail(f"the revocation stands, but republishing failed: {exc}; retry with `ddm-coordinator assemble`")
+    out.print(f"published ensemble {ensemble_id} over the {signed} remaining signed experts", highlight=False)
 
 
 @app.command()

@@ -15,7 +15,7 @@ from .assemble import Assembler
 from .auth import AuthInterceptor
 from .home import Home, HomeError
 from .keys import SigningKey
-from .registry import Registry
+from .registry import Registry, manifest_checkpoints
 from .service import CoordinatorService
 from .store import Store
 from .tls import ServerTls
@@ -70,7 +70,13 @@ class CoordinatorServer:
         for e in interrupted:
             self.registry.fail_ensemble(e["id"], "interrupted by a coordinator restart; assembling again")
         all_signed = all(e["state"] == "signed" for e in snapshot["experts"])
-        published = any(e["state"] == "published" for e in snapshot["ensembles"])
+        signed = {e["checkpoint_sha256"] for e in snapshot["experts"]}
+        # Published already: an ensemble of exactly the signed experts (after `revoke --exclude`,
+        # a retrained expert is not in the ensemble published without it).
+        published = any(
+            e["state"] == "published" and set(manifest_checkpoints(e["manifest_json"])) == signed
+            for e in snapshot["ensembles"]
+        )
         if all_signed and (interrupted or not published):
             self.assembler.request()
 

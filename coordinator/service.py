@@ -28,7 +28,7 @@ from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 from .bootstrap import lease_train_config
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
-from .registry import Grant, Registry, RegistryError
+from .registry import Grant, Registry, RegistryError, Revoked
 from .status import build_status
 from .store import Store
 
@@ -240,7 +240,11 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
                 refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
             self.store.write_chunk(upload.id, chunk.offset, chunk.data)
-            upload.committed_offset = self.registry.commit_chunk(island.id, upload, chunk.offset, n)
+            try:
+                upload.committed_offset = self.registry.commit_chunk(island.id, upload, chunk.offset, n)
+            except Revoked:  # revoked while the stream was open: its bytes go, as `revoke` said
+                self.store.discard_staged(upload.id)
+                raise
         if upload is None:
             refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
         return self._state(upload)
@@ -362,7 +366,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         sha = request.sha256
         if not is_sha256(sha) or not self.store.has(sha):
             refuse(context, "not_found", f"no artifact {sha[:64]!r}")
-        if not self.registry.readable_by(context.island, sha):
+        grant = self.registry.readable_by(context.island, sha)
+        if grant is None:
             refuse(context, "permission_denied", "this artifact is neither published nor this island's lease data")
         size = self.store.path(sha).stat().st_size
         if not 0 <= request.offset <= size:
@@ -378,6 +383,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             self._downloads[island_id] += 1
         try:
             for offset, data, total in self.store.read(sha, request.offset, MAX_CHUNK_BYTES):
+                # Checked again before every chunk: a revocation or a withdrawal ends the stream.
+                self.registry.still_readable(island_id, sha, grant)
                 yield pb.DownloadChunk(offset=offset, data=data, size=total)
         finally:
             with self._downloads_lock:
