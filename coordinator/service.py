@@ -305,7 +305,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             if upload is None or upload.id != chunk.upload_id:
                 upload = self.registry.upload_for(island.id, chunk.upload_id)
             if upload.state != "open":
-                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}")
+                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}; begin a new upload")
             n = len(chunk.data)
             end = chunk.offset + n
             if chunk.offset != upload.committed_offset:
