@@ -15,6 +15,7 @@ past either the call is RESOURCE_EXHAUSTED with a retry-after in its trailing me
 from __future__ import annotations
 
 import ipaddress
+import math
 import threading
 import time
 
@@ -198,7 +199,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"rate limit: at most {limits.per_second * 60:g} failed enrollments per minute from one address"
-                    f" (bursts of {limits.burst}); retry after {wait:.0f} s with a valid invite token",
+                    f" (bursts of {limits.burst}); retry after {math.ceil(wait)} s with a valid invite token",
                 )
             try:
                 return behaviour(request, context)

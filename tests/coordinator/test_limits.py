@@ -171,6 +171,13 @@ def test_failed_enrollments_per_address_are_limited_and_successes_are_not(server
 # -- upload streams and quotas --------------------------------------------------------------------
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def _hanging_upload(conn, release: threading.Event):
     """An upload stream that stays open, sending nothing, until ``release`` is set."""
 
@@ -191,17 +198,14 @@ def test_upload_streams_are_limited_per_island_and_in_all(server):
     hanging = []
     try:
         hanging += [_hanging_upload(a, release), _hanging_upload(a, release)]
-        deadline = time.monotonic() + 10
-        while server.service.uploads.open(ea.island_id) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: server.service.uploads.open(ea.island_id) == 2)
         before = state(server)
         with pytest.raises(ClientError) as err:
             send(a)
         refused(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 2 upload streams at once per identity")
         assert err.value.retry_after is None  # a client holding two streams is told, not asked to wait
         hanging.append(_hanging_upload(b, release))
-        while server.service.uploads.open() < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: server.service.uploads.open() == 3)
         with pytest.raises(ClientError) as err:
             send(c)
         refused(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "serving 3 upload streams at once", "retry")
@@ -248,7 +252,8 @@ def test_an_expert_takes_at_most_its_byte_quota_from_an_island(server):
 def test_begin_upload_needs_free_disk_beyond_the_upload(server):
     conn, _ = enroll(server)
     lease = lease_for(conn)
-    server.config.disk_reserve_bytes = shutil.disk_usage(server.store.staging).free
+    # Other processes may free some space meanwhile: ask for a GiB more than there is.
+    server.config.disk_reserve_bytes = shutil.disk_usage(server.store.staging).free + 1024 * MiB
     before = state(server)
     with pytest.raises(ClientError) as err:
         begin(conn, lease, b"x" * 1000)
