@@ -1,5 +1,6 @@
 """A channel to the coordinator: TLS as client.tls says, credentials on every call, limits from
-protocol.limits, retries while the coordinator is unreachable, and one-line errors."""
+protocol.limits, retries while the coordinator is unreachable or asks for a retry later, and
+one-line errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from protocol.limits import (
     RETRY_BACKOFF_MAX_S,
     RETRY_BACKOFF_S,
     UNARY_DEADLINE_S,
+    retry_after,
 )
 
 from .tls import TlsError, TlsSettings, handshake, load_material, open_channel
@@ -31,12 +33,27 @@ def tls_failure(err: grpc.RpcError) -> bool:
     return err.code() == grpc.StatusCode.UNAVAILABLE and ("handshake" in details or "certificate" in details)
 
 
-class ClientError(DDMError):
-    """A call the coordinator refused, or a coordinator that cannot be reached."""
+def asked_to_wait(err: grpc.RpcError) -> float | None:
+    """Seconds the coordinator asked to wait before a retry (a rate limit, no upload slot free):
+    the one refusal that is worth retrying. None for every other error."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    return retry_after(err.trailing_metadata())
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+
+class ClientError(DDMError):
+    """A call the coordinator refused, or a coordinator that cannot be reached. ``retry_after``:
+    seconds the coordinator asked to wait before trying again, if it refused for now only."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Unreachable, or asked to come back later: what was committed stays committed."""
+        return self.code in TRANSIENT or self.retry_after is not None
 
 
 class Unreachable(ClientError):
@@ -104,7 +121,7 @@ class Connection:
             return ClientError(self.unreachable(), code)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ClientError(f"{method} to {self.address} timed out", code)
-        return ClientError(f"{method} refused ({code.name.lower()}): {err.details()}", code)
+        return ClientError(f"{method} refused ({code.name.lower()}): {err.details()}", code, asked_to_wait(err))
 
     def check_not_tls(self) -> None:
         """A plaintext call that could not connect: if the coordinator speaks TLS, say so at once
@@ -129,21 +146,25 @@ class Connection:
             try:
                 return call()
             except grpc.RpcError as err:
+                wait, detail = asked_to_wait(err), err.details()
                 transient = err.code() in TRANSIENT and not tls_failure(err)
                 if transient and attempt == 0:
                     self.check_not_tls()
-                if not transient or attempt == attempts - 1:
+                if not (transient or wait is not None) or attempt == attempts - 1:
                     raise self.error(err, method) from None
             except Unreachable:
                 if attempt == attempts - 1:
                     raise
-            if attempt == 0:
+                wait = None
+            if wait is not None:
+                console.print(f"[yellow]{detail}; waiting[/yellow]", highlight=False)
+            elif attempt == 0:
                 console.print(
                     f"[yellow]the coordinator at {self.address} is unreachable; retrying "
                     f"{attempts - 1} more times[/yellow]",
                     highlight=False,
                 )
-            time.sleep(delay)
+            time.sleep(max(delay, wait or 0.0))
             delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
         raise AssertionError("unreachable")
 

@@ -30,6 +30,7 @@ from ddm_model.progress import progress_bar, transfer_bar
 from ddm_model.train import TrainConfig, TrainStopped, train_expert
 from protocol import ddm_pb2 as pb
 from protocol.address import is_loopback, split_address
+from protocol.limits import MAX_NAME_CHARS, MAX_REASON_CHARS
 from protocol.trust import TrustError, is_sha256, key_fingerprint, verify_signature
 
 from .connection import ClientError, Connection
@@ -128,7 +129,7 @@ def enroll(
         raise first_contact_error(coordinator)
     conn = Connection(coordinator, tls=tls)
     try:
-        reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name))
+        reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name[:MAX_NAME_CHARS]))
     finally:
         conn.close()
     fingerprint = key_fingerprint(reply.coordinator_public_key)
@@ -212,7 +213,7 @@ def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDatas
     if have != want:
         # The coordinator hears only that the data does not fit, not what it is.
         reason = f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images"
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
         raise ClientError(
             f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
             f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)"
@@ -244,7 +245,7 @@ def fetch_data(
     dataset = load_dataset(local)
 
     def refuse(reason: str):
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
         raise ClientError(reason)
 
     if dataset.fingerprint() != index.dataset_fingerprint:

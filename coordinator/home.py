@@ -59,7 +59,14 @@ class CoordinatorConfig:
     lease_seconds: float = 120.0
     heartbeat_seconds: float = 10.0
     max_upload_bytes: int = 0  # 0: the expected checkpoint size plus 1 MiB of header room
+    # Bytes accepted for one expert from one island over all its uploads (0: 4 checkpoints' worth).
+    max_expert_upload_bytes: int = 0
+    stale_upload_seconds: float = 3600.0  # an open upload with no chunk for this long is abandoned
+    disk_reserve_bytes: int = 64 * 1024 * 1024  # BeginUpload needs this much free beyond the upload
     database_url: str = ""  # "": SQLite at HOME/ddm.db
+
+    def expert_upload_quota(self) -> int:
+        return self.max_expert_upload_bytes or 4 * self.max_upload_bytes
 
     def to_json(self) -> str:
         return json.dumps({"format": CONFIG_FORMAT, **asdict(self)}, indent=2, sort_keys=True)

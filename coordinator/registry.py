@@ -608,12 +608,13 @@ class Registry:
     # -- uploads ----------------------------------------------------------------------------
 
     def begin_upload(
-        self, island_id: str, lease_id: str, size: int, sha256: str, quota: int
+        self, island_id: str, lease_id: str, size: int, sha256: str, quota: int, expert_quota: int | None = None
     ) -> tuple[Upload, list[str]]:
         """The open upload of this lease for this file if there is one (resume), else a new one.
 
         A lease has at most one open upload: any other is marked superseded, and its id is
-        returned so that its staged bytes can be deleted.
+        returned so that its staged bytes can be deleted. ``expert_quota`` bounds the bytes this
+        island may send for the expert over all its uploads, this one's remaining bytes included.
         """
         if size <= 0:
             raise RegistryError("invalid_argument", f"upload size must be positive, got {size}")
@@ -631,6 +632,9 @@ class Registry:
                 )
             ).all()
             keep = next((u for u in open_uploads if u.sha256 == sha256 and u.size == size), None)
+            if expert_quota is not None:
+                remaining = size - (keep.committed_offset if keep is not None else 0)
+                self._require_expert_quota(s, island_id, lease.expert_id, remaining, expert_quota)
             superseded = [u for u in open_uploads if u is not keep]
             for old in superseded:
                 old.state, old.reason, old.updated_at = "superseded", "a new upload began for this lease", now
@@ -641,7 +645,7 @@ class Registry:
                 .values(state="uploaded" if keep is not None and keep.committed_offset == size else "uploading")
             )
             if keep is not None:
-                keep.lease_id = lease.id
+                keep.lease_id, keep.updated_at = lease.id, now
                 self.log(
                     s, "upload_resumed", island_id, lease.expert_id, upload_id=keep.id, offset=keep.committed_offset
                 )
@@ -673,11 +677,37 @@ class Registry:
             raise RegistryError("not_found", f"no upload {upload_id} for this island")
         return upload
 
-    def commit_chunk(self, island_id: str, upload: Upload, offset: int, length: int) -> int:
+    @staticmethod
+    def _expert_bytes(s: Session, island_id: str, expert_id: int) -> int:
+        """Checkpoint bytes this island has sent for this expert, over all its uploads."""
+        total = s.scalar(
+            select(func.sum(Upload.bytes_received)).where(Upload.island_id == island_id, Upload.expert_id == expert_id)
+        )
+        return int(total or 0)
+
+    def _require_expert_quota(self, s: Session, island_id: str, expert_id: int, more: int, quota: int) -> None:
+        received = self._expert_bytes(s, island_id, expert_id)
+        if received + more > quota:
+            raise RegistryError(
+                "resource_exhausted",
+                f"this island has sent {received} bytes for expert {expert_id}; {more} more would pass the quota of"
+                f" {quota} bytes per expert over all its uploads; ask the coordinator's operator",
+            )
+
+    def require_expert_quota(self, island_id: str, expert_id: int, more: int, quota: int) -> None:
+        """Refuse if ``more`` bytes for the expert would pass the island's quota (changes nothing)."""
+        with self.Session() as s:
+            self._require_expert_quota(s, island_id, expert_id, more, quota)
+
+    def commit_chunk(
+        self, island_id: str, upload: Upload, offset: int, length: int, expert_quota: int | None = None
+    ) -> int:
         """Record that bytes [offset, offset + length) are durably in the staging file."""
         now = time.time()
         with self.transaction() as s:
             lease = self._active_lease(s, island_id, upload.lease_id)
+            if expert_quota is not None:
+                self._require_expert_quota(s, island_id, upload.expert_id, length, expert_quota)
             moved = s.execute(
                 update(Upload)
                 .where(Upload.id == upload.id, Upload.committed_offset == offset, Upload.state == "open")
@@ -690,6 +720,10 @@ class Registry:
             ).rowcount
             if moved != 1:
                 current = s.get(Upload, upload.id)
+                if current.state != "open":
+                    raise RegistryError(
+                        "failed_precondition", f"upload {upload.id} is {current.state}; begin a new upload"
+                    )
                 raise RegistryError(
                     "failed_precondition",
                     f"chunk at offset {offset} does not follow the committed offset {current.committed_offset}",
@@ -706,6 +740,31 @@ class Registry:
                 )
                 self.log(s, "uploaded", island_id, upload.expert_id, upload_id=upload.id, sha256=upload.sha256)
             return offset + length
+
+    def abandon_stale_uploads(self, stale_seconds: float) -> list[str]:
+        """Mark open uploads with no chunk for ``stale_seconds`` abandoned; their ids.
+
+        An expert waiting for such an upload goes back to training under the same lease: its
+        island may begin a new upload."""
+        now = time.time()
+        with self.transaction() as s:
+            stale = s.scalars(
+                select(Upload).where(Upload.state == "open", Upload.updated_at < now - stale_seconds)
+            ).all()
+            for upload in stale:
+                idle = now - upload.updated_at
+                upload.state, upload.reason, upload.updated_at = "abandoned", f"no chunk for {idle:.0f} s", now
+                s.execute(
+                    update(Expert)
+                    .where(Expert.id == upload.expert_id, Expert.state.in_(("uploading", "uploaded")))
+                    .values(state="training", updated_at=now)
+                )
+                self.log(s, "upload_abandoned", upload.island_id, upload.expert_id, upload_id=upload.id, idle_s=idle)
+            return [u.id for u in stale]
+
+    def open_upload_ids(self) -> set[str]:
+        with self.Session() as s:
+            return set(s.scalars(select(Upload.id).where(Upload.state == "open")).all())
 
     def reject_upload(self, upload_id: str, reason: str) -> None:
         """Record why an upload was refused; the expert, its lease and the store stay as they were."""

@@ -1,9 +1,11 @@
-"""`ddm-coordinator serve`: the gRPC server, its lease reaper and the assembly trigger."""
+"""`ddm-coordinator serve`: the gRPC server, its reaper (leases, traffic counters, stale uploads)
+and the assembly trigger."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +24,7 @@ from .tls import ServerTls
 
 log = logging.getLogger("ddm.coordinator")
 REAP_EVERY_S = 1.0
+CLEAN_STAGING_EVERY_S = 60.0
 
 
 class CoordinatorServer:
@@ -57,6 +60,7 @@ class CoordinatorServer:
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
+        self.clean_staging_every_s = CLEAN_STAGING_EVERY_S
 
     def start(self) -> None:
         self.server.start()
@@ -81,12 +85,15 @@ class CoordinatorServer:
             self.assembler.request()
 
     def _reap(self) -> None:
+        cleaned = float("-inf")  # the first round cleans staging: a restart may find what a crash left
         while not self._stop.wait(REAP_EVERY_S):
             try:
                 self.auth.flush()
                 expired = self.registry.expire_leases()
                 if expired:
                     log.info("%d lease(s) expired; their experts are open again", expired)
+                if time.monotonic() - cleaned >= self.clean_staging_every_s and self.service.clean_staging():
+                    cleaned = time.monotonic()
             except Exception:
                 log.exception("lease reaper")
 

@@ -139,7 +139,7 @@ def test_a_lease_holds_one_open_upload(registry):
     second, superseded = registry.begin_upload(a.id, grant.lease_id, 900, "ef" * 32, quota=1000)
     assert superseded == [first.id] and second.id != first.id
     assert registry.upload_for(a.id, first.id).state == "superseded"
-    with pytest.raises(RegistryError, match="does not follow"):
+    with pytest.raises(RegistryError, match="is superseded; begin a new upload"):
         registry.commit_chunk(a.id, first, 0, 100)  # a superseded upload takes no more bytes
 
 
