@@ -281,6 +281,7 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
 
 def coordinator_cli(*args: str) -> list[str]:
+    """Run with cwd=REPO: `python -m` puts the working folder first on the path."""
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
@@ -292,7 +293,7 @@ def init_template(work: Path, experts: int) -> tuple[Path, float]:
         "--experts", str(experts), "--preset", "tiny",
     )  # fmt: skip
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=600)
     took = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"error: ddm-coordinator init failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -315,7 +316,11 @@ def create_invites(home: Path, count: int) -> tuple[list[str], float]:
 def serve_has_no_tls_flag() -> bool:
     """Whether `serve` speaks TLS unless told --no-tls (then plaintext runs must say so)."""
     done = subprocess.run(
-        coordinator_cli("serve", "--help"), capture_output=True, text=True, env={**child_env(), "COLUMNS": "200"}
+        coordinator_cli("serve", "--help"),
+        capture_output=True,
+        text=True,
+        env={**child_env(), "COLUMNS": "200"},
+        cwd=REPO,
     )
     return "--no-tls" in done.stdout
 
@@ -390,7 +395,7 @@ def run_scenario(args, template: Path, work: Path, tls: bool, interval: float, n
         command.append("--no-tls")
     log_path = work / name / "coordinator.log"
     with open(log_path, "w") as log:
-        serve = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        serve = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
     generators: list[subprocess.Popen] = []
     try:
         wait_ready(address, ca, serve, log_path)
