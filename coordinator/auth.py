@@ -39,7 +39,6 @@ from .service import Refused
 SERVICE = "/ddm.v1.Coordinator/"
 PUBLIC = {SERVICE + "Enroll"}
 READER_ALLOWED = {SERVICE + name for name in ("GetManifest", "Download", "Status")}
-TOUCH_EVERY_S = 2.0
 # What each RPC's requests carry, for the per-island traffic counters: checkpoint chunks,
 # heartbeats, or control messages (leases, upload bookkeeping, downloads requested, status).
 TRAFFIC_KIND = {SERVICE + "UploadChunks": "checkpoint", SERVICE + "Heartbeat": "heartbeat"}
@@ -137,7 +136,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.registry = registry
         self.calls = RateLimiter(CALLS_PER_SECOND, CALL_BURST)  # per identity
         self.enroll_failures = RateLimiter(ENROLL_FAILURES_PER_MINUTE / 60, ENROLL_FAILURE_BURST)  # per address
-        self._touched: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # island -> when it last called, not yet written
         self._traffic: dict[tuple[str, str], tuple[int, int]] = {}  # (island, kind) -> (messages, bytes)
         self._lock = threading.Lock()
 
@@ -228,19 +227,20 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._traffic[(island_id, kind)] = (messages + 1, total + nbytes)
 
     def flush(self) -> None:
-        """Write the traffic counted since the last flush into the registry."""
+        """Write the traffic counted and the islands seen since the last flush into the registry."""
         with self._lock:
             counts, self._traffic = self._traffic, {}
+            seen, self._seen = self._seen, {}
         if counts:
             self.registry.add_traffic(counts)
+        if seen:
+            self.registry.touch(seen)
 
     def _touch(self, island_id: str) -> None:
-        now = time.monotonic()
+        # Kept in memory and written by flush(): this runs on gRPC's one dispatch thread, which
+        # must not wait for the registry's write lock.
         with self._lock:
-            if now - self._touched.get(island_id, 0.0) < TOUCH_EVERY_S:
-                return
-            self._touched[island_id] = now
-        self.registry.touch(island_id)
+            self._seen[island_id] = time.time()
 
     @staticmethod
     def _refuse(

@@ -61,8 +61,10 @@ SERVER_OPTIONS = [
 ]
 
 SERVER_WORKERS = 32
-# More calls than this wait their turn instead of piling onto the workers.
-SERVER_MAX_CONCURRENT_RPCS = 256
+# Calls in flight (running, or queued for a worker) beyond this are refused at once with
+# RESOURCE_EXHAUSTED, which the client does not retry; it sits well above the islands one coordinator
+# serves, so that a burst (every island starting, or reconnecting after a restart) queues.
+SERVER_MAX_CONCURRENT_RPCS = 4096
 # Download and upload streams one identity may hold open at once, and upload streams in all, so
 # that slow readers and writers cannot take every worker away from heartbeats.
 MAX_DOWNLOADS_PER_ISLAND = 4
