@@ -22,6 +22,7 @@ from client.state import IslandState
 from client.transfer import upload_checkpoint
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
+from coordinator.registry import TRAFFIC_COLUMNS
 from coordinator.server import CoordinatorServer
 from ddm_model.checkpoint import read_checkpoint_header, save_checkpoint
 from ddm_model.dit import DiT, DiTConfig
@@ -76,9 +77,15 @@ def train(conn, lease, tmp_path, steps=None):
 
 
 def state(server, skip_uploads=False):
+    """The registry and the store, less what every call changes: when the island was last seen
+    and its traffic counters, which count the refused request itself (written by a background
+    flush, so they may land at any moment)."""
     snap = copy.deepcopy(server.registry.snapshot())
     for island in snap["islands"]:
         island.pop("last_seen_at")
+        for columns in TRAFFIC_COLUMNS.values():
+            for column in columns:
+                island.pop(column)
     if skip_uploads:
         snap.pop("uploads")
     return snap, sorted(os.listdir(server.store.artifacts))
