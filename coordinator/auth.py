@@ -5,6 +5,9 @@ against the registry (constant-time hash comparison), checks the caller's role, 
 servicer an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED or
 PERMISSION_DENIED with a message that says what to do. It also counts what every island
 sends (serialized request sizes, by kind), so that status can show exactly what left it.
+
+``DecodingInterceptor``, outside it, ends a request that does not parse as its message type
+in INVALID_ARGUMENT, where gRPC itself would answer INTERNAL.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import grpc
 
 from protocol import auth
 
-from .registry import Island, Registry
+from .registry import Island, Registry, RegistryError
 
 SERVICE = "/ddm.v1.Coordinator/"
 PUBLIC = {SERVICE + "Enroll"}
@@ -38,7 +41,7 @@ class AuthedContext:
         return getattr(self._context, name)
 
 
-def _same_kind(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
+def _same_kind(handler: grpc.RpcMethodHandler, behaviour, deserializer=None) -> grpc.RpcMethodHandler:
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -48,7 +51,7 @@ def _same_kind(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandl
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -126,3 +129,53 @@ class AuthInterceptor(grpc.ServerInterceptor):
             context.abort(code, message)
 
         return _same_kind(handler, refuse)
+
+
+UNDECODABLE_MESSAGE = "the request is not a valid ddm.v1 message; use a ddm client that speaks this protocol"
+
+
+class _Undecodable:
+    """Stands for a request that did not parse (gRPC takes None for a failed parse)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError, or whatever else a malformed message raises
+            return UNDECODABLE
+
+    return parse
+
+
+def _decoded(requests):
+    for message in requests:
+        if message is UNDECODABLE:  # the servicer turns a RegistryError into its status
+            raise RegistryError("invalid_argument", UNDECODABLE_MESSAGE)
+        yield message
+
+
+class DecodingInterceptor(grpc.ServerInterceptor):
+    """Refuse, as INVALID_ARGUMENT, requests whose bytes are not their message type."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        behaviour = _inner(handler)
+        if handler.request_streaming:
+
+            def checked(requests, context):
+                return behaviour(_decoded(requests), context)
+
+        else:
+
+            def checked(request, context):
+                if request is UNDECODABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+                return behaviour(request, context)
+
+        return _same_kind(handler, checked, _tolerant(handler.request_deserializer))

@@ -178,6 +178,12 @@ class Event(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's string as a refusal may echo it: escaped to one printable line, bounded."""
+    text = repr(value[:limit])[1:-1]
+    return text + "..." if len(value) > limit else text
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -415,7 +421,7 @@ class Registry:
     def _active_lease(self, s: Session, island_id: str, lease_id: str) -> Lease:
         lease = s.get(Lease, lease_id)
         if lease is None or lease.island_id != island_id:
-            raise RegistryError("permission_denied", f"lease {lease_id} is not held by this island")
+            raise RegistryError("permission_denied", f"lease {shown(lease_id)} is not held by this island")
         if lease.state != "active":
             raise RegistryError(
                 "failed_precondition",
@@ -526,7 +532,7 @@ class Registry:
         with self.Session() as s:
             upload = s.get(Upload, upload_id)
         if upload is None or upload.island_id != island_id:
-            raise RegistryError("not_found", f"no upload {upload_id} for this island")
+            raise RegistryError("not_found", f"no upload {shown(upload_id)} for this island")
         return upload
 
     def commit_chunk(self, island_id: str, upload: Upload, offset: int, length: int) -> int:
