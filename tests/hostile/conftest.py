@@ -81,9 +81,7 @@ def open_upload(island: Island, data: bytes, commit: int = 0) -> pb.UploadState:
     """Begin an upload of ``data`` on the island's lease and commit its first ``commit`` bytes."""
     state = island.ok(
         "BeginUpload",
-        pb.BeginUploadRequest(
-            lease_id=island.lease.lease_id, size=len(data), sha256=hashlib.sha256(data).hexdigest()
-        ),
+        pb.BeginUploadRequest(lease_id=island.lease.lease_id, size=len(data), sha256=hashlib.sha256(data).hexdigest()),
     )
     if commit:
         state = island.ok("UploadChunks", [chunk(state.upload_id, 0, data[:commit])])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -115,13 +115,13 @@ class Wire:
         return Outcome(OK, "", reply)
 
 
-@dataclass(repr=False)
 class Island:
-    id: str
-    credential: str
-    wire: Wire
-    lease: pb.Lease | None = None
-    extra: dict = field(default_factory=dict)
+    """An enrolled identity and its channel (a plain class: hypothesis prints dataclasses field
+    by field, and ``extra`` may hold megabytes)."""
+
+    def __init__(self, island_id: str, credential: str, wire: Wire, lease: pb.Lease | None = None):
+        self.id, self.credential, self.wire, self.lease = island_id, credential, wire, lease
+        self.extra: dict = {}
 
     def __repr__(self) -> str:
         return f"Island({self.id})"
@@ -198,9 +198,7 @@ def assert_unchanged(server, before: dict, what: str) -> None:
 
 def assert_changes_within(changes: list[tuple], allowed: set[tuple], what: str) -> None:
     """Every change is (table, key, column) in ``allowed``; a key of None allows any row."""
-    stray = [
-        c for c in changes if (c[0], c[1], c[2]) not in allowed and (c[0], None, c[2]) not in allowed
-    ]
+    stray = [c for c in changes if (c[0], c[1], c[2]) not in allowed and (c[0], None, c[2]) not in allowed]
     assert not stray, f"{what}: unexpected registry changes: {short(stray)}"
 
 

@@ -121,8 +121,9 @@ def test_enroll(server, own, kind, random_token, name):
     allowed.update(oversize(request))
 
     def accepted(reply, changes):
-        assert_changes_within(changes, {("invites", None, "used_at"), ("invites", None, "island_id"),
-                                        ("islands", None, "+row")}, what)
+        assert_changes_within(
+            changes, {("invites", None, "used_at"), ("invites", None, "island_id"), ("islands", None, "+row")}, what
+        )
         island = registry_state(server)["islands"][reply.island_id]
         assert len(island["name"]) <= 200 and island["role"] == "island", what
         Wire(server.address, reply.credential).close()

@@ -119,7 +119,12 @@ def test_an_island_cannot_touch_another_islands_lease_or_upload(server, victim):
     out = attacker.call("UploadChunks", [chunk(own.upload_id, 0, mine[:MiB]), honest_next])
     check(out, {S.NOT_FOUND: "no upload"}, "a stream that switches to the victim's upload")
     changes = diff(before, registry_state(server))
-    mine_only = {("uploads", own.upload_id), ("experts", attacker.lease.expert_id), ("islands", attacker.id)}
+    mine_only = {
+        ("uploads", own.upload_id),
+        ("experts", attacker.lease.expert_id),
+        ("islands", attacker.id),
+        ("leases", attacker.lease.lease_id),
+    }
     assert {(c[0], c[1]) for c in changes} <= mine_only, changes
     assert file_digest(staged) == digest
 
