@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def short(value) -> str:
 
 
 def check(outcome: Outcome, allowed: dict, what: str) -> None:
-    """The call ended in an allowed status; a refusal says why in one short line.
+    """The call ended in an allowed status; a refusal says why in one short printable line.
 
     ``allowed`` maps each allowed status code to None or a word its details must contain."""
     names = sorted(code.name for code in allowed)
@@ -153,6 +154,8 @@ def check(outcome: Outcome, allowed: dict, what: str) -> None:
     details = outcome.details
     assert details.strip(), f"{what}: {outcome.code.name} with empty details"
     assert "\n" not in details and "\r" not in details, f"{what}: details span lines: {short(details)}"
+    controls = sorted({c for c in details if unicodedata.category(c) == "Cc"})
+    assert not controls, f"{what}: details hold control characters {controls}: {short(details)}"
     assert len(details) <= MAX_DETAILS, f"{what}: details of {len(details)} chars: {short(details)}"
     word = allowed[outcome.code]
     if word is not None:

@@ -11,8 +11,9 @@ into another, and keeps its call volume modest.
 Which status is right: a field that breaks a rule adds that rule's status to the allowed set
 (the coordinator may check rules in any order). A field that is well-formed but implausible
 (an id not shaped like an id, a string longer than any real value, a negative offset) also
-allows INVALID_ARGUMENT, the status of the bounds every message field must respect. A
-message larger than the server accepts allows RESOURCE_EXHAUSTED, from gRPC itself.
+allows INVALID_ARGUMENT, the status of the bounds every message field must respect; a string
+of more than 64 Ki characters, past any bound, must end in INVALID_ARGUMENT. A message larger
+than the server accepts allows RESOURCE_EXHAUSTED, from gRPC itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 
 import pytest
 from grpc import StatusCode as S
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol import ddm_pb2 as pb
@@ -44,7 +45,7 @@ from .harness import (
     short,
     tree,
 )
-from .strategies import FUZZ, blobs, doubles, ids, int64s, real, sha256s, strings, undecodable, unknown_fields
+from .strategies import FUZZ, Huge, blobs, doubles, ids, int64s, real, sha256s, strings, undecodable, unknown_fields
 
 OWN, VICTIM = "<own>", "<victim's>"  # stand-ins, resolved to real ids inside a test
 
@@ -79,6 +80,20 @@ def oversize(*messages) -> dict:
     return {S.RESOURCE_EXHAUSTED: "larger than max"} if too_large(*messages) else {}
 
 
+# Characters no string field of the protocol has a use for: past any bound, so such a field
+# must be refused as INVALID_ARGUMENT, whatever else is right or wrong with the call.
+BEYOND_ANY_BOUND = 64 * 1024
+
+
+def bounded(allowed: dict, request) -> dict:
+    """``allowed``, unless the request (a stream's first message: the one the coordinator
+    reads before it refuses) holds a string beyond any bound."""
+    first = (request[0] if request else None) if isinstance(request, list) else request
+    if first is not None and any(isinstance(v, str) and len(v) > BEYOND_ANY_BOUND for _, v in first.ListFields()):
+        return {S.INVALID_ARGUMENT: None, **oversize(first)}
+    return allowed
+
+
 def pick(choice: str, own_value: str, victim_value: str) -> str:
     return {OWN: own_value, VICTIM: victim_value}.get(choice, real(choice))
 
@@ -86,6 +101,7 @@ def pick(choice: str, own_value: str, victim_value: str) -> str:
 def attempt(server, island, method, request, allowed, what, accepted=None):
     """Call; check the status and the details; a refusal changes nothing, an accepted call
     is checked by ``accepted(reply, changes)``."""
+    allowed = bounded(allowed, request)
     before = registry_state(server)
     outcome = island.call(method, request)
     check(outcome, allowed, what)
@@ -101,6 +117,8 @@ def attempt(server, island, method, request, allowed, what, accepted=None):
 
 @FUZZ
 @given(kind=st.sampled_from(["fresh", "used", "expired", "random"]), random_token=strings(), name=strings(60))
+@example(kind="fresh", random_token="", name=Huge("a", 100_000))
+@example(kind="random", random_token=Huge("a", 100_000), name="x")
 def test_enroll(server, own, kind, random_token, name):
     random_token, name = real(random_token), real(name)
     holder = own("enroll-used")
@@ -140,6 +158,7 @@ def test_enroll(server, own, kind, random_token, name):
 
 @FUZZ
 @given(local_dataset=strings())
+@example(local_dataset=Huge("a", 100_000))
 def test_acquire_lease(server, own, local_dataset):
     me = own("acquire", lease=True)
     local_dataset = real(local_dataset)
@@ -160,6 +179,11 @@ def sane_progress(step: int, loss: float, rate: float) -> bool:
 
 @FUZZ
 @given(lease=st.one_of(st.sampled_from([OWN, VICTIM]), ids()), step=int64s(), loss=doubles(), rate=doubles())
+@example(lease=OWN, step=-1, loss=0.5, rate=1.0)
+@example(lease=OWN, step=1, loss=math.inf, rate=1.0)
+@example(lease=OWN, step=1, loss=0.5, rate=-1.0)
+@example(lease=OWN, step=1, loss=0.5, rate=math.nan)
+@example(lease=Huge("a", 100_000), step=1, loss=0.5, rate=1.0)
 def test_heartbeat(server, own, victim, lease, step, loss, rate):
     me = own("heartbeat", lease=True)
     lease_id = pick(lease, me.lease.lease_id, victim.lease.lease_id)
@@ -193,8 +217,12 @@ def test_heartbeat(server, own, victim, lease, step, loss, rate):
 
 @FUZZ
 @given(lease=st.one_of(st.sampled_from([OWN, VICTIM]), ids()), reason=strings())
+@example(lease=OWN, reason=Huge("a", 100_000))
+@example(lease=Huge("a", 100_000), reason="")
 def test_release_lease(server, own, victim, lease, reason):
     me = own("release", lease=True)
+    if server.registry.lease(me.lease.lease_id).state != "active":  # an earlier example released it
+        me.lease = me.ok("AcquireLease", pb.AcquireLeaseRequest()).lease
     reason = real(reason)
     lease_id = pick(lease, me.lease.lease_id, victim.lease.lease_id)
     request = pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason)
@@ -214,7 +242,7 @@ def test_release_lease(server, own, victim, lease, reason):
             what,
         )
         assert registry_state(server)["leases"][lease_id]["state"] == "released", what
-        again = me.ok("AcquireLease", pb.AcquireLeaseRequest())  # take the same expert back
+        again = me.ok("AcquireLease", pb.AcquireLeaseRequest())  # the same expert comes back
         assert again.lease.expert_id == expert_id, what
         me.lease = again.lease
 
@@ -230,6 +258,7 @@ def test_release_lease(server, own, victim, lease, reason):
     size=st.one_of(int64s(), st.sampled_from(["quota", "quota+1"])),
     sha256=sha256s(),
 )
+@example(lease=Huge("a", 100_000), size=1, sha256="ab" * 32)
 def test_begin_upload(server, own, victim, lease, size, sha256):
     me = own("begin", lease=True)
     sha256 = real(sha256)
@@ -295,6 +324,8 @@ def chunks():
 
 @FUZZ
 @given(stream=st.lists(chunks(), max_size=3))
+@example(stream=[(Huge("a", 100_000), 0, b"x", CORRECT)])
+@example(stream=[(OWN, 0, b"x", Huge("a", 100_000))])
 def test_upload_chunks(server, own, victim, stream):
     me = own("chunks", lease=True)
     if "upload" not in me.extra:
@@ -329,6 +360,7 @@ def upload_tests(name: str):
 
     @FUZZ
     @given(target=st.one_of(st.sampled_from([OWN, VICTIM]), ids()))
+    @example(target=Huge("a", 100_000))
     def test(server, own, victim, target):
         me = own(name, lease=True)
         if "upload" not in me.extra:
@@ -368,6 +400,7 @@ test_complete_upload = upload_tests("CompleteUpload")
     target=st.one_of(st.sampled_from(["own shard", "OWN SHARD", "victim's shard", "clustering"]), sha256s()),
     offset=st.one_of(int64s(), st.sampled_from(["size", "size+1", "size-1"])),
 )
+@example(target=Huge("a", 100_000), offset=0)
 def test_download(server, own, victim, target, offset):
     me = own("download", lease=True)
     shard = me.lease.shard.sha256
