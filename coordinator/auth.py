@@ -163,8 +163,8 @@ class DecodingInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler.request_deserializer is None:
+            return handler
         behaviour = _inner(handler)
         if handler.request_streaming:
 
