@@ -30,7 +30,7 @@ def test_an_invite_enrolls_once(server):
     island = enroll(server)
     token = island.extra["token"]
     before = registry_state(server)
-    for name in ("again", "", "../../etc/passwd", "é" * 300):
+    for name in ("again", "", "../../etc/passwd", "é" * 30):
         check(redeem(server, token, name), {S.UNAUTHENTICATED: "already used"}, f"token reused as {name[:20]!r}")
     assert_unchanged(server, before, "a used token")
 

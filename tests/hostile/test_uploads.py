@@ -98,7 +98,7 @@ def test_an_island_cannot_touch_another_islands_lease_or_upload(server, victim):
         ("UploadChunks", [chunk(upload_id, MiB, os.urandom(len(data) - MiB))], "no upload"),
         ("QueryUpload", pb.QueryUploadRequest(upload_id=upload_id), "no upload"),
         ("CompleteUpload", pb.CompleteUploadRequest(upload_id=upload_id), "no upload"),
-        ("Heartbeat", pb.HeartbeatRequest(lease_id=lease_id, step=10**9), "not held"),
+        ("Heartbeat", pb.HeartbeatRequest(lease_id=lease_id, step=1), "not held"),
         ("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id, reason="mine now"), "not held"),
     ]
     before = registry_state(server)
