@@ -13,6 +13,9 @@ Every request, Enroll's and each message of a stream included, must be within th
 protocol/bounds.py (INVALID_ARGUMENT otherwise). Each identity may make CALLS_PER_SECOND calls
 (bursts of CALL_BURST), and each peer address ENROLL_FAILURES_PER_MINUTE failed enrollments;
 past either the call is RESOURCE_EXHAUSTED with a retry-after in its trailing metadata.
+
+``DecodingInterceptor``, outside it, ends a request that does not parse as its message type
+in INVALID_ARGUMENT, where gRPC itself would answer INTERNAL.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from protocol.limits import (
     retry_after_metadata,
 )
 
-from .registry import Island, Registry, revoked_message
+from .registry import Island, Registry, RegistryError, revoked_message
 from .service import Refused
 
 SERVICE = "/ddm.v1.Coordinator/"
@@ -112,7 +115,7 @@ class AuthedContext:
         return getattr(self._context, name)
 
 
-def _same_kind(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
+def _same_kind(handler: grpc.RpcMethodHandler, behaviour, deserializer=None) -> grpc.RpcMethodHandler:
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -122,7 +125,7 @@ def _same_kind(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandl
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -258,3 +261,53 @@ def _check_bounds(request, context) -> None:
     reason = bounds.check(request)
     if reason is not None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+UNDECODABLE_MESSAGE = "the request is not a valid ddm.v1 message; use a ddm client that speaks this protocol"
+
+
+class _Undecodable:
+    """Stands for a request that did not parse (gRPC takes None for a failed parse)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # protobuf's DecodeError, or whatever else a malformed message raises
+            return UNDECODABLE
+
+    return parse
+
+
+def _decoded(requests):
+    for message in requests:
+        if message is UNDECODABLE:  # the servicer turns a RegistryError into its status
+            raise RegistryError("invalid_argument", UNDECODABLE_MESSAGE)
+        yield message
+
+
+class DecodingInterceptor(grpc.ServerInterceptor):
+    """Refuse, as INVALID_ARGUMENT, requests whose bytes are not their message type."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        behaviour = _inner(handler)
+        if handler.request_streaming:
+
+            def checked(requests, context):
+                return behaviour(_decoded(requests), context)
+
+        else:
+
+            def checked(request, context):
+                if request is UNDECODABLE:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+                return behaviour(request, context)
+
+        return _same_kind(handler, checked, _tolerant(handler.request_deserializer))

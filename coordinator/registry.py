@@ -202,6 +202,12 @@ class Event(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's string as a refusal may echo it: escaped to one printable line, bounded."""
+    text = repr(value[:limit])[1:-1]
+    return text + "..." if len(value) > limit else text
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -565,7 +571,7 @@ class Registry:
         self._require_access(s, island_id)
         lease = s.get(Lease, lease_id)
         if lease is None or lease.island_id != island_id:
-            raise RegistryError("permission_denied", f"lease {lease_id} is not held by this island")
+            raise RegistryError("permission_denied", f"lease {shown(lease_id)} is not held by this island")
         if lease.state != "active":
             raise RegistryError(
                 "failed_precondition",
@@ -685,7 +691,7 @@ class Registry:
         with self.Session() as s:
             upload = s.get(Upload, upload_id)
         if upload is None or upload.island_id != island_id:
-            raise RegistryError("not_found", f"no upload {upload_id} for this island")
+            raise RegistryError("not_found", f"no upload {shown(upload_id)} for this island")
         return upload
 
     @staticmethod

@@ -14,7 +14,7 @@ from protocol import ddm_pb2_grpc
 from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_WORKERS
 
 from .assemble import Assembler
-from .auth import AuthInterceptor
+from .auth import AuthInterceptor, DecodingInterceptor
 from .home import Home, HomeError
 from .keys import SigningKey
 from .registry import Registry, manifest_checkpoints
@@ -44,7 +44,7 @@ class CoordinatorServer:
         self.auth = AuthInterceptor(self.registry)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=SERVER_WORKERS),
-            interceptors=[self.auth],
+            interceptors=[DecodingInterceptor(), self.auth],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
         )

@@ -41,7 +41,7 @@ from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 from .bootstrap import lease_train_config
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
-from .registry import Grant, Registry, RegistryError, Revoked
+from .registry import Grant, Registry, RegistryError, Revoked, shown
 from .status import build_status
 from .store import DiskFull, Store
 
@@ -367,7 +367,10 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             if reason is not None:
                 self.registry.reject_upload(upload.id, reason)
                 self.store.discard_staged(upload.id)
-                refuse(context, "invalid_argument", f"checkpoint rejected: {reason}; fix it and upload again")
+                # The reason may quote names from the file: escaped to one line and bounded.
+                refuse(
+                    context, "invalid_argument", f"checkpoint rejected: {shown(reason, 400)}; fix it and upload again"
+                )
             if path != self.store.path(upload.sha256):
                 self.store.add_file(path, move=True, digest=upload.sha256)
             self.registry.mark_verified(island.id, upload)
