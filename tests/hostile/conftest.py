@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from coordinator.auth import RateLimiter
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
 from coordinator.server import CoordinatorServer
@@ -37,6 +38,11 @@ def template(tmp_path_factory):
             lease_seconds=3600,  # no lease expires while a module runs, however slow the machine
         )
     )
+    # One island sends dozens of bad checkpoints for one expert here; the per-expert byte quota
+    # (tested in tests/coordinator/test_limits.py) would refuse them before they are looked at.
+    config = Home(root).load_config()
+    config.max_expert_upload_bytes = 1 << 30
+    Home(root).save_config(config)
     return root
 
 
@@ -46,6 +52,11 @@ def server(template, tmp_path_factory):
     home = root / "home"
     shutil.copytree(template, home)
     srv = CoordinatorServer(Home(home), "127.0.0.1:0")
+    # Every anonymous Enroll here comes from 127.0.0.1, and many are refused on purpose; the
+    # per-address limit on failed enrollments (tested in tests/coordinator/test_limits.py) would
+    # soon answer all of them alike. This suite is about what each field does, so it gets room.
+    srv.auth.enroll_failures = RateLimiter(per_second=1000.0, burst=10_000)
+    srv.auth.calls = RateLimiter(per_second=10_000.0, burst=100_000)  # the same for calls per island
     srv.start()
     srv.address = f"127.0.0.1:{srv.port}"
     srv.wires = []

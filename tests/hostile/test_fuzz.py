@@ -28,6 +28,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol import ddm_pb2 as pb
+from protocol.bounds import BOUNDS
 from protocol.limits import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES
 
 from .conftest import OPEN_UPLOAD_BYTES, enroll
@@ -174,7 +175,15 @@ def test_acquire_lease(server, own, local_dataset):
 
 
 def sane_progress(step: int, loss: float, rate: float) -> bool:
-    return step >= 0 and (math.isnan(loss) or math.isfinite(loss)) and math.isfinite(rate) and rate >= 0
+    """Progress an island can really report: a step count, a mean square loss (NaN before the
+    first log window), a rate; the limits are protocol/bounds.py's."""
+    limits = BOUNDS["HeartbeatRequest"]
+    return (
+        0 <= step <= limits["step"].max
+        and (math.isnan(loss) or (math.isfinite(loss) and loss >= 0))
+        and math.isfinite(rate)
+        and 0 <= rate <= limits["images_per_second"].max
+    )
 
 
 @FUZZ
@@ -414,13 +423,13 @@ def test_download(server, own, victim, target, offset):
     offset = {"size": size, "size+1": size + 1, "size-1": size - 1}.get(offset, offset)
     request = pb.DownloadRequest(sha256=sha256, offset=offset)
     what = f"Download({short(target)}, offset={offset})"
-    odd_offset = refusal(S.INVALID_ARGUMENT, when=offset < 0)
+    odd_offset = refusal(S.INVALID_ARGUMENT, when=not 0 <= offset <= BOUNDS["DownloadRequest"]["offset"].max)
     if sha256 == shard:
         allowed = {OK: None} if 0 <= offset <= size else {S.OUT_OF_RANGE: "outside", **odd_offset}
     elif sha256 in (victim.lease.shard.sha256, server.config.clustering["sha256"]):
         allowed = {S.PERMISSION_DENIED: None, **odd_offset}
     else:
-        allowed = {S.NOT_FOUND: None, **refusal(S.INVALID_ARGUMENT, when=offset < 0 or not sha256_shaped(sha256))}
+        allowed = {S.NOT_FOUND: None, **refusal(S.INVALID_ARGUMENT, when=bool(odd_offset) or not sha256_shaped(sha256))}
     allowed.update(oversize(request))
 
     def accepted(reply, changes):

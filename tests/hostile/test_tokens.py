@@ -7,10 +7,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from grpc import StatusCode as S
 
-from coordinator.registry import Registry
 from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 
@@ -58,12 +56,11 @@ def test_one_invite_redeemed_by_many_at_once_enrolls_one_island(server):
     assert set(after["islands"]) - set(before["islands"]) == {winners[0].reply.island_id}
 
 
-@pytest.mark.skipif(not hasattr(Registry, "revoke"), reason="this registry has no revoke")
 def test_a_revoked_islands_credential_and_invite_are_refused_everywhere(server):
     island = enroll(server, lease=True, name="to-revoke")
     data = os.urandom(OPEN_UPLOAD_BYTES)
     upload = open_upload(island, data, commit=MiB)
-    server.registry.revoke(island.id)
+    server.registry.revoke(island.id, "hostile-input test", exclude=False)
     requests = {
         "AcquireLease": pb.AcquireLeaseRequest(),
         "Heartbeat": pb.HeartbeatRequest(lease_id=island.lease.lease_id, step=1),
