@@ -13,8 +13,9 @@ from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_W
 
 from .assemble import Assembler
 from .auth import AuthInterceptor
-from .home import Home, HomeError
+from .home import Home, HomeError, HomeLock
 from .keys import SigningKey
+from .reconcile import reconcile
 from .registry import Registry
 from .service import CoordinatorService
 from .store import Store
@@ -28,10 +29,13 @@ class CoordinatorServer:
         """``tls``: (certificate chain PEM, private key PEM) to serve TLS; None serves plaintext."""
         self.home = home
         self.config = home.load_config()
+        self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
         self.key = SigningKey.load(home.key_path)
         self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
-        self.registry.create()  # no-op on an existing registry
         self.store = Store(home.artifacts, home.staging)
+        self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
+        log.info("reconciled the home: %s", self.reconciliation.summary())
+        self.registry.create()  # no-op on an existing registry
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
@@ -91,3 +95,4 @@ class CoordinatorServer:
         self.server.stop(grace).wait()
         self.auth.flush()
         self.registry.close()
+        self.lock.release()

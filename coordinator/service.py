@@ -26,6 +26,7 @@ from protocol.limits import MAX_CHUNK_BYTES, MAX_DOWNLOADS_PER_ISLAND, MAX_METRI
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
+from .faults import fault_point
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
 from .registry import Grant, Registry, RegistryError
@@ -240,7 +241,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
                 refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
             self.store.write_chunk(upload.id, chunk.offset, chunk.data)
+            fault_point("upload.chunk_written")
             upload.committed_offset = self.registry.commit_chunk(island.id, upload, chunk.offset, n)
+            fault_point("upload.chunk_committed")
         if upload is None:
             refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
         return self._state(upload)
@@ -281,7 +284,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 refuse(context, "invalid_argument", f"checkpoint rejected: {reason}; fix it and upload again")
             if path != self.store.path(upload.sha256):
                 self.store.add_file(path, move=True, digest=upload.sha256)
+            fault_point("complete.stored")
             self.registry.mark_verified(island.id, upload)
+            fault_point("complete.verified")
             entry = {
                 "format": ENTRY_FORMAT,
                 "expert_id": expert.id,
@@ -293,6 +298,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 "signed_at": utc_now(),
             }
             entry_json, signature = self.key.sign(entry)
+            fault_point("complete.signed")
             all_signed = self.registry.register_expert(
                 island.id, upload, upload.size, provenance["steps"], entry_json, signature
             )

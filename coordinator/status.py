@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import time
 
 from rich.console import Console, Group
 from rich.table import Table
+from sqlalchemy import select
 
 from .home import CoordinatorConfig, Home
-from .registry import Registry
+from .registry import Event, Registry
+
+# Events of reconciliation that a person should see: lost artifacts and what followed.
+FLAG_KINDS = ("artifact_missing", "artifact_damaged", "expert_reopened", "ensemble_withdrawn")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -74,7 +79,7 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
     ensemble = {"state": "none"}
     if latest is not None:
         router = {
-            "state": {"training": "training", "published": "trained", "failed": "failed"}[latest["state"]],
+            "state": {"training": "training", "published": "trained"}.get(latest["state"], latest["state"]),
             "step": latest["router_step"],
             "steps": latest["router_steps"],
             "sha256": latest["router_sha256"],
@@ -104,7 +109,26 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
         "leases": leases,
         "router": router,
         "ensemble": ensemble,
+        "store": _store(home, registry, snap),
     }
+
+
+def _store(home: Home, registry: Registry, snap: dict) -> dict:
+    """Registered artifacts whose file is missing or of the wrong size now, and the flags
+    reconciliation raised (latest first)."""
+    missing = []
+    for a in snap["artifacts"]:
+        try:
+            size = (home.artifacts / a["sha256"]).stat().st_size
+        except OSError:
+            size = None
+        if size != a["size"]:
+            reason = "missing" if size is None else f"{size} bytes, {a['size']} registered"
+            missing.append({"sha256": a["sha256"], "kind": a["kind"], "reason": reason})
+    with registry.Session() as s:
+        events = s.scalars(select(Event).where(Event.kind.in_(FLAG_KINDS)).order_by(Event.id.desc()).limit(20)).all()
+    flagged = [{"at": _iso(e.at), "kind": e.kind, "expert_id": e.expert_id, **json.loads(e.detail)} for e in events]
+    return {"artifacts": len(snap["artifacts"]), "missing": missing, "flagged": flagged}
 
 
 def render_status(status: dict, console: Console) -> None:
@@ -159,7 +183,14 @@ def render_status(status: dict, console: Console) -> None:
         tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
     if e.get("reason"):
         tail += f": {e['reason']}"
-    console.print(Group(head, islands, experts, leases, tail))
+    store = status.get("store", {"artifacts": 0, "missing": [], "flagged": []})
+    lines = [f"store: {store['artifacts']} artifacts, {len(store['missing'])} missing or damaged"]
+    lines += [f"[red]missing:[/red] {m['kind']} {m['sha256']} ({m['reason']})" for m in store["missing"]]
+    lines += [
+        f"[yellow]flagged[/yellow] {f['at']} {f['kind']}: {f.get('sha256', '')[:12]} {f.get('reason', '')}"
+        for f in store["flagged"]
+    ]
+    console.print(Group(head, islands, experts, leases, tail, *lines))
 
 
 def _bytes(n: int) -> str:
