@@ -94,9 +94,11 @@ def check_integrity(registry: Registry, home: Home) -> str:
         with registry.engine.connect() as conn:
             rows = [str(r) for r in conn.exec_driver_sql("PRAGMA integrity_check").scalars().all()]
             if rows != ["ok"]:
-                more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+                found = [line for r in rows for line in r.splitlines() if line.strip() and not line.startswith("***")]
+                found = found or ["(no detail)"]
+                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
                 raise ReconcileError(
-                    f"the registry database {where} fails SQLite's integrity check: {rows[0]}{more};"
+                    f"the registry database {where} fails SQLite's integrity check: {found[0][:200]}{more};"
                     " refusing to serve it: restore it from a backup"
                 )
             tables = inspect(conn)
@@ -140,7 +142,7 @@ class _Pass:
 
     # -- the two kinds of outcome -------------------------------------------------------------
 
-    def act(self, verb: str, what: str, kind: str, do=None, level=logging.INFO, **detail) -> None:
+    def act(self, verb: str, what: str, event: str, do=None, level=logging.INFO, **detail) -> None:
         """Record an action; with repair, do it, log it and add it to the event log."""
         if not self.result.repair:
             self.result.actions.append(f"would {verb} {what}")
@@ -151,7 +153,7 @@ class _Pass:
         self.result.actions.append(message)
         log.log(level, "reconcile: %s", message)
         with self.registry.transaction() as s:
-            Registry.log(s, kind, **detail)
+            Registry.log(s, event, **detail)
 
     def note(self, message: str) -> None:
         self.result.notes.append(message)
@@ -204,7 +206,7 @@ class _Pass:
                 lambda: self._set_aside(damaged),
                 level=logging.ERROR,
                 sha256=sha,
-                kind=kind,
+                artifact_kind=kind,
                 reason=why,
             )
         if kind not in ("expert", "router"):
@@ -214,7 +216,7 @@ class _Pass:
                 "artifact_missing",
                 level=logging.ERROR,
                 sha256=sha,
-                kind=kind,
+                artifact_kind=kind,
                 reason=why,
                 action="flagged",
             )
@@ -230,7 +232,7 @@ class _Pass:
             lambda: self._drop(sha, kind, why, [e["id"] for e in experts], [e["id"] for e in withdrawn]),
             level=logging.ERROR,
             sha256=sha,
-            kind=kind,
+            artifact_kind=kind,
             reason=why,
             action="dropped",
             experts_reopened=[e["id"] for e in experts],

@@ -30,10 +30,14 @@ class CoordinatorServer:
         self.home = home
         self.config = home.load_config()
         self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
-        self.key = SigningKey.load(home.key_path)
-        self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
-        self.store = Store(home.artifacts, home.staging)
-        self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
+        try:
+            self.key = SigningKey.load(home.key_path)
+            self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+            self.store = Store(home.artifacts, home.staging)
+            self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
+        except BaseException:
+            self.lock.release()
+            raise
         log.info("reconciled the home: %s", self.reconciliation.summary())
         self.registry.create()  # no-op on an existing registry
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
@@ -57,6 +61,7 @@ class CoordinatorServer:
         except RuntimeError:
             self.port = 0
         if not self.port:
+            self.lock.release()
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
