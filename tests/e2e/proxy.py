@@ -8,7 +8,8 @@ armed, cuts or stalls a connection after a number of bytes in one direction.
 A trigger fires once; every later byte and connection passes through untouched, so a client
 that reconnects carries on. "drop" closes both sockets at once (the peers see a reset
 connection); "stall" keeps the connection open but forwards nothing more, so the peers hang
-until one of them goes away, which then closes the other side too.
+until one of them goes away, which then closes the other side too, or until ``cut()`` drops
+it: a test can stall a stream, wait for the server to settle, then cut it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class Proxy:
         with self._lock:
             self._trigger = _Trigger(direction, after, action)
             self.tripped.clear()
+
+    def cut(self) -> int:
+        """Drop every stalled connection; returns how many there were."""
+        stalled = [link for link in self._links if link.stalled and not link.closed.is_set()]
+        for link in stalled:
+            link.close()
+        return len(stalled)
 
     def close(self) -> None:
         self._stop.set()

@@ -20,6 +20,7 @@ import json
 import shutil
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from .proxy import Proxy
 
 INIT = [
     "--experts", "2", "--preset", "small", "--steps", "40", "--router-preset", "tiny", "--router-steps", "30",
-    "--heartbeat-seconds", "1", "--lease-seconds", "30",
+    "--heartbeat-seconds", "1", "--lease-seconds", "120",
 ]  # fmt: skip
 
 
@@ -353,16 +354,19 @@ def test_connection_cut_mid_stream_resumes_from_the_committed_offset(template, c
     serve(coord)
     proxy = Proxy(coord.address)
     try:
-        # The client library, in 1 MiB chunks: cut inside the second chunk, it resumes by itself
-        # from the first chunk's end.
+        # The client library, in 1 MiB chunks: cut inside the second chunk once the first is
+        # committed, it resumes by itself from the first chunk's end.
         _, conn = library_island(coord, tmp_path, address=proxy.address, attempts=8)
         lease = take_lease(conn)
         path = template.checkpoints[lease.expert_id]
         size = path.stat().st_size
-        proxy.arm("up", MiB + MiB // 8, "drop")
-        report = upload_checkpoint(conn, lease.lease_id, path, chunk_bytes=MiB)
+        proxy.arm("up", MiB + MiB // 8, "stall")
+        with ThreadPoolExecutor(1) as pool:
+            upload = pool.submit(upload_checkpoint, conn, lease.lease_id, path, chunk_bytes=MiB)
+            wait_for(lambda: coord.db("SELECT 1 FROM uploads WHERE committed_offset = ?", MiB), 60, "chunk 1")
+            assert proxy.cut() == 1
+            report = upload.result(timeout=120)
         conn.close()
-        assert proxy.tripped.is_set()
         assert report.sent_offsets == [0, MiB, MiB], report.sent_offsets
         [row] = coord.db("SELECT * FROM uploads")
         assert row["state"] == "complete" and row["chunks"] == 2 and row["bytes_received"] == size, row
