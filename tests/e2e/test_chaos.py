@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from coordinator.registry import Registry
+
 from .conftest import sha256_of
 from .intact import assert_intact
 
@@ -29,6 +31,15 @@ INIT = [
     "--heartbeat-seconds", "1", "--lease-seconds", "15",
 ]  # fmt: skip
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the router trains inside serve; see test_crash.serve
+
+
+def invite(coord, role: str = "island") -> str:
+    """An invite made in this process (`ddm-coordinator invite` does the same, at a process each)."""
+    registry = Registry(f"sqlite:///{coord.home / 'ddm.db'}")
+    try:
+        return registry.create_invite(role, 3600)
+    finally:
+        registry.close()
 
 
 @pytest.mark.slow
@@ -51,7 +62,7 @@ def test_a_run_survives_random_kills(coordinator, spawn, run, tmp_path):
 
     def island(i: int):
         """Start (or restart) island i; one killed before it saved its identity gets a new invite."""
-        token = [] if (states[i] / "identity.json").exists() else ["--token", coord.invite()]
+        token = [] if (states[i] / "identity.json").exists() else ["--token", invite(coord)]
         args = ["join", *coord.connect_args, "--state-dir", states[i], "--threads", "1", "--name", f"island-{i}"]
         return spawn("ddm-client", *args, *token, label=f"island-{i}-{len(happened)}")
 
@@ -116,7 +127,7 @@ def test_a_run_survives_random_kills(coordinator, spawn, run, tmp_path):
         for e in experts:  # the island that trained each expert kept exactly the signed file
             [state] = [s for s in states if e["island_id"] in (s / "identity.json").read_text()]
             assert sha256_of(state / "signed" / f"expert-{e['id']}.safetensors") == e["checkpoint_sha256"]
-        reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+        reader = ["--token", invite(coord, "reader"), "--state-dir", tmp_path / "reader"]
         out = tmp_path / "ensemble"
         pin = ["--fingerprint", coord.fingerprint]
         got = run("ddm-client", "download", *coord.connect_args, "--out", out, *pin, *reader)
