@@ -30,6 +30,7 @@ from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples
 from ddm_model.train import TrainConfig, train_router
 from protocol.trust import MANIFEST_FORMAT
 
+from .faults import fault_point
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
 from .registry import Registry
@@ -95,6 +96,11 @@ class Assembler:
             data, targets = self._cluster_data(clusters)
             source = "the clustered dataset"
         router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
+
+        def on_progress(step: int, loss: float, rate: float) -> None:
+            self.registry.ensemble_progress(ensemble_id, step)
+            fault_point("router.training")
+
         result = train_router(
             data,
             targets,
@@ -103,13 +109,14 @@ class Assembler:
             checkpoint_dir=self._resume_dir(signed),
             progress=progress,
             description="router",
-            on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
+            on_progress=on_progress,
         )
         accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed)
         metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy], "trained_on": source}
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
         result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
+        fault_point("router.stored")
         experts = [
             {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
         ]

@@ -372,6 +372,46 @@ def _republish(h, config, registry, store) -> None:
 
 
 @app.command()
+def check(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    rehash: bool = typer.Option(False, "--hash", help="Also re-hash every artifact (reads the whole store)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be changed; change nothing."),
+) -> None:
+    """Check the registry's integrity and reconcile it with the artifact store, as `serve` does on
+    start: remove what crashes leave behind, flag lost artifacts. Exits 1 if any is lost."""
+    from .home import HomeBusy, HomeLock
+    from .reconcile import reconcile
+    from .registry import Registry
+    from .store import Store
+
+    logging.getLogger("ddm.coordinator").addHandler(logging.NullHandler())  # the summary below says it all
+    lock = None
+    try:
+        h = _home(home)
+        config = h.load_config()
+        try:
+            lock = None if dry_run else HomeLock(h)
+        except HomeBusy as busy:
+            out.print(f"{busy}: reporting only, nothing is changed", highlight=False)
+        registry = Registry(h.database_url(config))
+        result = reconcile(h, registry, Store(h.artifacts, h.staging), rehash=rehash, repair=lock is not None)
+        registry.close()
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    finally:
+        if lock is not None:
+            lock.release()
+    for line in result.actions:
+        out.print(f"  {line}", highlight=False)
+    for line in result.notes:
+        out.print(f"  note: {line}", highlight=False)
+    for line in result.problems:
+        out.print(f"  [red]problem:[/red] {line}", highlight=False)
+    out.print(result.summary(), highlight=False)
+    raise typer.Exit(1 if result.problems else 0)
+
+
+@app.command()
 def assemble(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
     """Train the router over the experts signed so far (at least 2) and publish the ensemble."""
     from .assemble import Assembler

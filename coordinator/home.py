@@ -9,12 +9,15 @@
     HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
     HOME/staging/<upload id>   uploads in progress
     HOME/work/                 the coordinator's own training state (the router)
+    HOME/damaged/              store files that failed their size or hash check, kept aside
+    HOME/serve.lock            held (flock) by the process serving the home
 
 ``--home`` defaults to $DDM_HOME.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -108,6 +111,10 @@ class Home:
     def work(self) -> Path:
         return self.root / "work"
 
+    @property
+    def damaged(self) -> Path:
+        return self.root / "damaged"
+
     def database_url(self, config: CoordinatorConfig) -> str:
         return config.database_url or f"sqlite:///{self.root / 'ddm.db'}"
 
@@ -128,3 +135,31 @@ class Home:
     def save_config(self, config: CoordinatorConfig) -> None:
         with atomic_path(self.config_path) as tmp:
             tmp.write_text(config.to_json())
+
+
+class HomeBusy(HomeError):
+    """Another process is serving the home."""
+
+
+class HomeLock:
+    """The serving process's exclusive claim on a home: an flock on HOME/serve.lock, which the
+    kernel drops when the process ends, however it ends (SIGKILL included)."""
+
+    def __init__(self, home: Home):
+        self.path = home.root / "serve.lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise HomeBusy(f"a coordinator (pid {holder}) is already serving {home.root}; stop it first") from None
+        self._file.truncate(0)
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()

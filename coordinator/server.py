@@ -15,8 +15,9 @@ from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_W
 
 from .assemble import Assembler
 from .auth import AuthInterceptor, DecodingInterceptor
-from .home import Home, HomeError
+from .home import Home, HomeError, HomeLock
 from .keys import SigningKey
+from .reconcile import reconcile
 from .registry import Registry, manifest_checkpoints
 from .service import CoordinatorService
 from .store import Store
@@ -33,10 +34,17 @@ class CoordinatorServer:
         serves plaintext (in-process tests, loopback)."""
         self.home = home
         self.config = home.load_config()
-        self.key = SigningKey.load(home.key_path)
-        self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+        self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
+        try:
+            self.key = SigningKey.load(home.key_path)
+            self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+            self.store = Store(home.artifacts, home.staging)
+            self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
+        except BaseException:
+            self.lock.release()
+            raise
+        log.info("reconciled the home: %s", self.reconciliation.summary())
         self.registry.create()  # no-op on an existing registry
-        self.store = Store(home.artifacts, home.staging)
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
@@ -57,6 +65,7 @@ class CoordinatorServer:
         except RuntimeError:
             self.port = 0
         if not self.port:
+            self.lock.release()
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
@@ -105,3 +114,4 @@ class CoordinatorServer:
         self.server.stop(grace).wait()
         self.auth.flush()
         self.registry.close()
+        self.lock.release()

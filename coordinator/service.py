@@ -39,6 +39,7 @@ from protocol.limits import (
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
+from .faults import fault_point
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
 from .registry import Grant, Registry, RegistryError, Revoked, shown
@@ -323,6 +324,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
             self.registry.require_expert_quota(island.id, upload.expert_id, n, quota)  # before a byte is written
             self.store.write_chunk(upload.id, chunk.offset, chunk.data)
+            fault_point("upload.chunk_written")
             try:
                 upload.committed_offset = self.registry.commit_chunk(
                     island.id, upload, chunk.offset, n, expert_quota=quota
@@ -330,6 +332,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             except Revoked:  # revoked while the stream was open: its bytes go, as `revoke` said
                 self.store.discard_staged(upload.id)
                 raise
+            fault_point("upload.chunk_committed")
         if upload is None:
             refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
         return self._state(upload)
@@ -373,7 +376,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 )
             if path != self.store.path(upload.sha256):
                 self.store.add_file(path, move=True, digest=upload.sha256)
+            fault_point("complete.stored")
             self.registry.mark_verified(island.id, upload)
+            fault_point("complete.verified")
             entry = {
                 "format": ENTRY_FORMAT,
                 "expert_id": expert.id,
@@ -385,6 +390,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 "signed_at": utc_now(),
             }
             entry_json, signature = self.key.sign(entry)
+            fault_point("complete.signed")
             all_signed = self.registry.register_expert(
                 island.id, upload, upload.size, provenance["steps"], entry_json, signature
             )

@@ -16,10 +16,14 @@ import time
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy import select
 
 from .home import CoordinatorConfig, Home
-from .registry import Registry
+from .registry import Event, Registry
 from .tls import home_fingerprint
+
+# Events of reconciliation that a person should see: lost artifacts and what followed.
+FLAG_KINDS = ("artifact_missing", "artifact_damaged", "expert_reopened", "ensemble_withdrawn")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -84,9 +88,7 @@ def build_status(
     ensemble = {"state": "none"}
     if latest is not None:
         router = {
-            "state": {"training": "training", "published": "trained", "failed": "failed", "withdrawn": "withdrawn"}[
-                latest["state"]
-            ],
+            "state": {"training": "training", "published": "trained"}.get(latest["state"], latest["state"]),
             "step": latest["router_step"],
             "steps": latest["router_steps"],
             "sha256": latest["router_sha256"],
@@ -117,6 +119,7 @@ def build_status(
         "leases": leases,
         "router": router,
         "ensemble": ensemble,
+        "store": _store(home, registry, snap),
     }
     if events:
         report["events"] = build_events(registry, limit=events)
@@ -164,6 +167,24 @@ def _short(value) -> str:
     """sha256 digests cut to 12 characters, the rest as they are."""
     text = value if isinstance(value, str) else json.dumps(value)
     return text[:12] if re.fullmatch(r"[0-9a-f]{64}", text) else text
+
+
+def _store(home: Home, registry: Registry, snap: dict) -> dict:
+    """Registered artifacts whose file is missing or of the wrong size now, and the flags
+    reconciliation raised (latest first)."""
+    missing = []
+    for a in snap["artifacts"]:
+        try:
+            size = (home.artifacts / a["sha256"]).stat().st_size
+        except OSError:
+            size = None
+        if size != a["size"]:
+            reason = "missing" if size is None else f"{size} bytes, {a['size']} registered"
+            missing.append({"sha256": a["sha256"], "kind": a["kind"], "reason": reason})
+    with registry.Session() as s:
+        events = s.scalars(select(Event).where(Event.kind.in_(FLAG_KINDS)).order_by(Event.id.desc()).limit(20)).all()
+    flagged = [{"at": _iso(e.at), "kind": e.kind, "expert_id": e.expert_id, **json.loads(e.detail)} for e in events]
+    return {"artifacts": len(snap["artifacts"]), "missing": missing, "flagged": flagged}
 
 
 def render_status(status: dict, console: Console) -> None:
@@ -221,7 +242,14 @@ def render_status(status: dict, console: Console) -> None:
         tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
     if e.get("reason"):
         tail += f": {e['reason']}"
-    parts = [head, islands, experts, leases, tail]
+    store = status.get("store", {"artifacts": 0, "missing": [], "flagged": []})
+    lines = [f"store: {store['artifacts']} artifacts, {len(store['missing'])} missing or damaged"]
+    lines += [f"[red]missing:[/red] {m['kind']} {m['sha256']} ({m['reason']})" for m in store["missing"]]
+    lines += [
+        f"[yellow]flagged[/yellow] {f['at']} {f['kind']}: {f.get('sha256', '')[:12]} {f.get('reason', '')}"
+        for f in store["flagged"]
+    ]
+    parts = [head, islands, experts, leases, tail, *lines]
     if status.get("events"):
         parts.append(_events_table(status["events"], f"last {len(status['events'])} events"))
     console.print(Group(*parts))

@@ -112,12 +112,17 @@ def spawn(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
 
-    def spawn(name, *args, label: str | None = None) -> Child:
+    def spawn(name, *args, label: str | None = None, env: dict | None = None) -> Child:
+        """``env``: variables to add to the child's environment."""
         label = label or f"{name}-{len(children)}"
         out, err = logs / f"{label}.out", logs / f"{label}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             popen = subprocess.Popen(
-                [*cli(name), *map(str, args)], stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=child_env()
+                [*cli(name), *map(str, args)],
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                env={**child_env(), **(env or {})},
             )
         child = Child(popen, out, err)
         children.append(child)
@@ -163,12 +168,21 @@ class Coordinator:
 
         return Connection(self.address, credential, tls=self.tls, **kwargs)
 
-    def start(self, timeout: float = 30.0) -> str:
+    def start(self, timeout: float = 30.0, env: dict | None = None, same_port: bool = False) -> str:
+        """Serve the home; ``env`` adds to serve's environment (DDM_FAULT arms a fault point),
+        ``same_port`` listens where the last run did, so running islands find it again."""
         assert self.proc is None or self.proc.poll() is not None, "already serving"
-        self.port = free_port()
+        self.port = self.port if same_port and self.port else free_port()
         self.starts += 1
         self.proc = self._spawn(
-            "ddm-coordinator", "serve", "--home", self.home, "--listen", self.address, label=f"serve-{self.starts}"
+            "ddm-coordinator",
+            "serve",
+            "--home",
+            self.home,
+            "--listen",
+            self.address,
+            label=f"serve-{self.starts}",
+            env=env,
         )
         from client.tls import handshake
         from protocol.trust import certificate_fingerprint
