@@ -66,8 +66,14 @@ def init(
     heartbeat_seconds: float = typer.Option(10.0, help="How often islands report progress."),
     max_upload_mb: float = typer.Option(0.0, help="Upload quota per checkpoint (0: expected size + 1 MiB)."),
     database: str = typer.Option("", help="SQLAlchemy URL of the registry (default: SQLite in the home)."),
+    probe_margin: float = typer.Option(
+        0.05,
+        help="Shared mode: an upload is refused unless its loss on its cluster's held-out probe slice is"
+        " this fraction below an untrained model's.",
+    ),
 ) -> None:
-    """Cluster the dataset, cut one shard per cluster, create the registry and the signing key."""
+    """Cluster the dataset, hold out a probe slice of each cluster, cut one shard per cluster from
+    the rest, create the registry and the signing key."""
     from .bootstrap import InitOptions, init_home
 
     try:
@@ -95,6 +101,7 @@ def init(
                 heartbeat_seconds=heartbeat_seconds,
                 max_upload_mb=max_upload_mb,
                 database_url=database,
+                probe_margin=probe_margin,
             )
         )
     except (DDMError, OSError) as exc:
