@@ -67,9 +67,14 @@ def init(
     tls_name: list[str] = typer.Option(
         None, help="A DNS name or IP address islands reach this machine by, for the TLS certificate (repeatable)."
     ),
+    probe_margin: float = typer.Option(
+        0.05,
+        help="Shared mode: an upload is refused unless its loss on its cluster's held-out probe slice is"
+        " this fraction below an untrained model's.",
+    ),
 ) -> None:
-    """Cluster the dataset, cut one shard per cluster, create the registry, the signing key and
-    the TLS certificate."""
+    """Cluster the dataset, hold out a probe slice of each cluster, cut one shard per cluster from
+    the rest, create the registry, the signing key and the TLS certificate."""
     from .bootstrap import InitOptions, init_home
     from .tls import home_fingerprint
 
@@ -99,6 +104,7 @@ def init(
                 max_upload_mb=max_upload_mb,
                 database_url=database,
                 tls_names=tuple(tls_name or ()),
+                probe_margin=probe_margin,
             )
         )
     except (DDMError, OSError) as exc:

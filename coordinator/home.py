@@ -6,6 +6,7 @@
     HOME/tls_key.pem           its ECDSA P-256 key (mode 0600)
     HOME/ddm.db                the SQLite registry (unless config names another database URL)
     HOME/clustering.safetensors
+    HOME/probe/cluster-<k>.safetensors   shared mode: each cluster's held-out probe slice
     HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
     HOME/staging/<upload id>   uploads in progress
     HOME/work/                 the coordinator's own training state (the router)
@@ -59,6 +60,7 @@ class CoordinatorConfig:
     mode: str = "shared"  # shared: the coordinator holds the dataset; siloed: only the islands hold data
     router_samples: int = 1024  # siloed: samples drawn from each expert to train the router on
     router_sampling_steps: int = 20
+    probe_margin: float = 0.05  # shared: an expert's probe loss must be this fraction below an untrained model's
     lease_seconds: float = 120.0
     heartbeat_seconds: float = 10.0
     max_upload_bytes: int = 0  # 0: the expected checkpoint size plus 1 MiB of header room
@@ -98,6 +100,9 @@ class Home:
     @property
     def clustering_path(self) -> Path:
         return self.root / "clustering.safetensors"
+
+    def probe_path(self, cluster: int) -> Path:
+        return self.root / "probe" / f"cluster-{cluster}.safetensors"
 
     @property
     def artifacts(self) -> Path:

@@ -20,10 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
 from sqlalchemy.exc import OperationalError
 
-from ddm_model.checkpoint import CheckpointError, verify_checkpoint
+from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
+from ddm_model.data import ImageDataset, load_dataset_file
+from ddm_model.probe import Probe, probe_seed
 from protocol import ddm_pb2 as pb
 from protocol import ddm_pb2_grpc
 from protocol.limits import (
@@ -40,7 +43,7 @@ from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
 from .faults import fault_point
-from .home import CoordinatorConfig, Home
+from .home import CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
 from .registry import Grant, Registry, RegistryError, Revoked, shown
 from .status import build_status
@@ -184,6 +187,18 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.on_all_signed = on_all_signed
         # Shared mode only: a siloed coordinator holds no data and no clustering.
         self.clustering = None if config.mode == "siloed" else Clustering.load(home.clustering_path)
+        # Shared mode: each cluster's held-out probe slice (no island trains on it), read and
+        # scored by an untrained model once. A home made before probe slices existed has none.
+        self._probe_summary = config.clustering.get("probe") if self.clustering is not None else None
+        if self._probe_summary is not None:
+            for k in range(config.experts):
+                if not home.probe_path(k).is_file():
+                    raise HomeError(f"{home.probe_path(k)} is missing; restore the home from a backup")
+        elif self.clustering is not None:
+            log.warning("this home has no held-out probe slices: uploads are checked but not scored")
+        self._held_out: dict[int, ImageDataset] = {}
+        self._probes: dict[int, Probe] = {}
+        self._probe_lock = threading.Lock()
         self._complete_lock = threading.Lock()
         self.downloads = Slots("download", MAX_DOWNLOADS_PER_ISLAND)
         self.uploads = Slots("upload stream", MAX_UPLOADS_PER_ISLAND, MAX_UPLOADS)
@@ -235,7 +250,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 pb.IndexList(
                     dataset=self.config.dataset,
                     dataset_fingerprint=self.config.dataset_fingerprint,
-                    ids=self.clustering.members(grant.cluster_id).tolist(),
+                    ids=self._training_ids(grant.cluster_id).tolist(),
                 )
             )
         else:
@@ -409,15 +424,49 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.registry.reject_upload(upload.id, "its staged bytes are gone")
         raise Refused("failed_precondition", f"upload {upload.id} lost its staged bytes; begin a new upload")
 
+    # -- probe slices (shared mode) ------------------------------------------------------------
+
+    def _held_out_slice(self, cluster: int) -> ImageDataset | None:
+        """The cluster's probe slice as init stored it (checked against its fingerprint)."""
+        if self._probe_summary is None:
+            return None
+        with self._probe_lock:
+            if cluster not in self._held_out:
+                self._held_out[cluster] = load_dataset_file(
+                    self.home.probe_path(cluster), expect_fingerprint=self._probe_summary["fingerprints"][cluster]
+                )
+            return self._held_out[cluster]
+
+    def _training_ids(self, cluster: int) -> np.ndarray:
+        """A cluster's sample ids less its probe slice: what an island trains on."""
+        held = self._held_out_slice(cluster)
+        members = self.clustering.members(cluster)
+        return members if held is None else np.setdiff1d(members, held.ids.numpy())
+
+    def _probe(self, cluster: int) -> Probe | None:
+        held = self._held_out_slice(cluster)
+        if held is None or len(held) == 0:
+            return None
+        with self._probe_lock:
+            if cluster not in self._probes:
+                seed = probe_seed(self.config.clustering["seed"], cluster)
+                self._probes[cluster] = Probe.build(self.config.model, held.images, seed)
+            return self._probes[cluster]
+
     def _validate(self, path, upload, expert) -> tuple[str | None, dict]:
         """(why a received checkpoint is refused or None, the provenance of an accepted one).
 
         The header is parsed without executing anything, the expected model is rebuilt from
-        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked."""
+        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
+        shared mode the expert must then beat an untrained model on its cluster's probe slice."""
         if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
             return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
+        probe = self._probe(expert.cluster_id)
         try:
-            info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            if probe is None:
+                info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            else:
+                model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
         except CheckpointError as exc:
             return str(exc).replace(str(path), "the upload"), {}
         steps = lease_train_config(self.config, expert.id).steps
@@ -433,7 +482,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return "its metrics hold NaN or infinite numbers", {}
         if metrics_size > MAX_METRICS_BYTES:
             return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
-        return None, {
+        provenance = {
             "kind": "expert",
             "config": info.model,
             "steps": info.steps,
@@ -441,6 +490,13 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             "data_fingerprint": info.data_fingerprint,
             "metrics": info.metrics,
         }
+        if probe is not None:
+            verdict = probe.judge(model, self.config.probe_margin)
+            log.info("expert %d: %s", expert.id, verdict.reason)
+            if not verdict.passed:
+                return verdict.reason, {}
+            provenance["probe"] = verdict.to_dict()
+        return None, provenance
 
     def clean_staging(self) -> bool:
         """Abandon open uploads with no chunk for ``stale_upload_seconds`` and delete every staged

@@ -31,7 +31,7 @@ from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 from protocol.trust import canonical_json, sha256_file, verify_signature
 
-STEPS = 3
+STEPS = 30  # enough for a tiny expert to beat an untrained one on its probe slice
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,9 @@ def test_upload_is_validated_signed_and_registered(server, tmp_path):
         enrolled.island_id,
     )
     assert entry["steps"] == STEPS and entry["flops"] > 0 and entry["config"]["preset"] == "tiny"
+    probe = entry["probe"]  # scored on its cluster's held-out probe slice before it was signed
+    assert probe["margin"] == 0.05 and probe["images"] == server.config.clustering["probe"]["sizes"][lease.cluster_id]
+    assert probe["loss"] <= 0.95 * probe["untrained_loss"]
     assert server.store.has(entry["sha256"])
     expert = server.registry.expert(lease.expert_id)
     assert expert.state == "signed" and expert.checkpoint_sha256 == entry["sha256"] and expert.step == STEPS
