@@ -33,6 +33,8 @@ from protocol.limits import (
     MAX_CHUNK_BYTES,
     MAX_DOWNLOADS_PER_ISLAND,
     MAX_METRICS_BYTES,
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
     MAX_UPLOADS,
     MAX_UPLOADS_PER_ISLAND,
     MIN_CHUNK_BYTES,
@@ -208,7 +210,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     @rpc
     def Enroll(self, request, context):
         island, credential = self.registry.redeem_invite(request.token, request.name)
-        log.info("enrolled island %s (%s) as %s", island.id, request.name, island.role)
+        log.info("enrolled island %s (%s) as %s", island.id, shown(request.name, MAX_NAME_CHARS), island.role)
         return pb.EnrollReply(
             island_id=island.id,
             credential=credential,
@@ -268,7 +270,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     @rpc
     def ReleaseLease(self, request, context):
         self.registry.release_lease(context.island.id, request.lease_id, request.reason)
-        log.info("island %s released lease %s: %s", context.island.id, request.lease_id, request.reason)
+        reason = shown(request.reason, MAX_REASON_CHARS)
+        log.info("island %s released lease %s: %s", context.island.id, request.lease_id, reason)
         return pb.ReleaseLeaseReply()
 
     # -- uploads --------------------------------------------------------------------------------
