@@ -1,15 +1,16 @@
 """Reconciliation of the registry with the files of a coordinator home.
 
 `ddm-coordinator serve` runs it before it listens, and `ddm-coordinator check` on demand. It
-first asks SQLite for its integrity check and refuses to go on when it fails. Then it
-removes what a crash can leave behind:
+first asks SQLite for its integrity check and checks that the registry holds its experts (an
+empty one beside a full store would make every file an orphan), and refuses to go on
+otherwise. Then it removes what a crash can leave behind:
 
 - a temporary file in artifacts/ (a store write cut before its rename);
 - a file in artifacts/ that no Artifact row names (moved in, its row not yet committed), but
   not the checkpoint of an open upload: CompleteUpload moves it into the store before it
   registers it, and a retried completion finds it there;
 - staged bytes of an upload that is no longer open;
-- router training files of an ensemble no longer being assembled.
+- router training files of published ensembles, unless an assembly is under way.
 
 A crash cannot remove or cut a registered artifact (its file is fsynced and renamed before
 its row is committed), so an Artifact row whose file is missing, or has the wrong size or
@@ -85,14 +86,15 @@ class Reconciliation:
         )
 
 
-def check_integrity(registry: Registry, home: Home) -> str:
-    """SQLite's integrity check ("ok"), or a note for another database; raises ReconcileError."""
-    if registry.engine.dialect.name != "sqlite":
-        return f"not checked ({registry.engine.dialect.name} database: use its own tools)"
-    where = registry.url.removeprefix("sqlite:///")
+def check_integrity(registry: Registry) -> str:
+    """SQLite's integrity check ("ok"; another database: a note), then that the registry holds
+    its experts; raises ReconcileError otherwise."""
+    sqlite = registry.engine.dialect.name == "sqlite"
+    where = registry.url.removeprefix("sqlite:///") if sqlite else "at the configured URL"
+    integrity = "ok" if sqlite else f"not checked ({registry.engine.dialect.name} database: use its own tools)"
     try:
         with registry.engine.connect() as conn:
-            rows = [str(r) for r in conn.exec_driver_sql("PRAGMA integrity_check").scalars().all()]
+            rows = [str(r) for r in conn.exec_driver_sql("PRAGMA integrity_check").scalars()] if sqlite else ["ok"]
             if rows != ["ok"]:
                 found = [line for r in rows for line in r.splitlines() if line.strip() and not line.startswith("***")]
                 found = found or ["(no detail)"]
@@ -101,17 +103,16 @@ def check_integrity(registry: Registry, home: Home) -> str:
                     f"the registry database {where} fails SQLite's integrity check: {found[0][:200]}{more};"
                     " refusing to serve it: restore it from a backup"
                 )
-            tables = inspect(conn)
-            if not tables.has_table("experts") or not conn.execute(select(Expert.id).limit(1)).first():
+            if not inspect(conn).has_table("experts") or not conn.execute(select(Expert.id).limit(1)).first():
+                # An empty registry beside a full store would make every artifact an orphan.
                 raise ReconcileError(
                     f"the registry database {where} holds no experts: was it lost or replaced? restore it from a"
                     " backup (nothing in the home was changed)"
                 )
     except DatabaseError as exc:
-        raise ReconcileError(
-            f"cannot read the registry database {where} ({exc.orig}); restore it from a backup"
-        ) from None
-    return "ok"
+        why = (str(exc.orig).splitlines() or ["unreadable"])[0]
+        raise ReconcileError(f"cannot read the registry database {where} ({why}); restore it from a backup") from None
+    return integrity
 
 
 def reconcile(
@@ -119,7 +120,7 @@ def reconcile(
 ) -> Reconciliation:
     """Check the registry, then bring the home's files and rows into agreement (see the module)."""
     result = Reconciliation(repair=repair)
-    result.integrity = check_integrity(registry, home)
+    result.integrity = check_integrity(registry)
     _Pass(home, registry, store, result, rehash).run()
     return result
 
