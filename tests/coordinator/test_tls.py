@@ -7,9 +7,12 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +103,11 @@ def made(tmp_path_factory):
 
 
 def serving(home: Home, tls: ServerTls | None, listen: str = "127.0.0.1:0") -> CoordinatorServer:
-    server = CoordinatorServer(home, listen, tls)
+    """Serve a copy of ``home`` (one process or server holds a home at a time; the module's
+    server already holds the original): same keys, certificate and registry."""
+    copy = Path(tempfile.mkdtemp(prefix="home-", dir=home.root.parent)) / "home"
+    shutil.copytree(home.root, copy, ignore=shutil.ignore_patterns("serve.lock"))
+    server = CoordinatorServer(Home(copy), listen, tls)
     server.start()
     return server
 
@@ -319,6 +326,17 @@ def test_join_saves_the_pin_for_the_next_command(tls_server, tmp_path):
     assert second.returncode == 0 and "no work" in second.stderr, second.stderr[-2000:]
 
 
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+def message_line(proc: subprocess.Popen) -> str:
+    """The next line serve writes for a person, past its timestamped log lines."""
+    while True:
+        line = proc.stderr.readline()
+        if not LOG_LINE.match(line):
+            return line
+
+
 def test_serve_refuses_plaintext_beyond_loopback_unless_insecure(made):
     home = made[0]
     refused = cli("coordinator", "serve", "--home", home.root, "--listen", f"0.0.0.0:{free_port()}", "--no-tls")
@@ -331,8 +349,8 @@ def test_serve_refuses_plaintext_beyond_loopback_unless_insecure(made):
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     proc = subprocess.Popen([*map(str, argv), "--no-tls", "--insecure"], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        warning = proc.stderr.readline()
-        listening = proc.stderr.readline()
+        warning = message_line(proc)
+        listening = message_line(proc)
         assert warning.startswith("warning: serving plaintext on 0.0.0.0"), warning
         assert "listening" in listening and "(plaintext)" in listening, listening
         conn = Connection(f"127.0.0.1:{port}", tls=TlsSettings(insecure=True))
@@ -352,7 +370,7 @@ def test_serve_speaks_tls_by_default_and_a_home_without_a_certificate_says_how_t
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     proc = subprocess.Popen(list(map(str, argv)), stderr=subprocess.PIPE, text=True, env=env)
     try:
-        listening = proc.stderr.readline()
+        listening = message_line(proc)
         assert f"(TLS, certificate {fingerprint})" in listening, listening
     finally:
         proc.terminate()
