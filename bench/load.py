@@ -60,6 +60,7 @@ from protocol import ddm_pb2 as pb  # noqa: E402
 from protocol.limits import CHANNEL_OPTIONS  # noqa: E402
 
 KINDS = ("connect", "Enroll", "AcquireLease", "Heartbeat", "ReleaseLease")
+STEADY = "Heartbeat, once all leased"  # a row of the report: heartbeats sent after the last lease
 RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 SAMPLE_EVERY_S = 0.1
 
@@ -91,6 +92,8 @@ class Tally:
         self.errors: dict[str, Counter] = {k: Counter() for k in KINDS}
         self.error_seconds: dict[str, list[float]] = {k: [] for k in KINDS}  # how long failed calls took
         self.error_details: dict[str, str] = {}  # "kind code" -> the first message seen
+        self.heartbeat_sent_at: list[float] = []  # wall clock, one per successful heartbeat
+        self.leased_at: list[float] = []  # wall clock when each lease was granted
         self.retries: Counter = Counter()
         self.outcomes: Counter = Counter()
 
@@ -100,6 +103,8 @@ class Tally:
             "errors": {k: dict(v) for k, v in self.errors.items()},
             "error_seconds": self.error_seconds,
             "error_details": self.error_details,
+            "heartbeat_sent_at": self.heartbeat_sent_at,
+            "leased_at": self.leased_at,
             "retries": dict(self.retries),
             "outcomes": dict(self.outcomes),
         }
@@ -110,7 +115,7 @@ async def call(tally: Tally, kind: str, rpc, request, spec: dict, metadata=(), r
     attempts = 1 + (spec["retry"] if retry else 0)
     delay = 0.1
     for attempt in range(attempts):
-        start = time.perf_counter()
+        start, sent_at = time.perf_counter(), time.time()
         try:
             reply = await rpc(request, timeout=spec["rpc_timeout"], metadata=metadata)
         except grpc.aio.AioRpcError as err:
@@ -124,6 +129,8 @@ async def call(tally: Tally, kind: str, rpc, request, spec: dict, metadata=(), r
             tally.error_details.setdefault(f"{kind} {err.code().name}", (err.details() or "")[:300])
             return None
         tally.latencies[kind].append(time.perf_counter() - start)
+        if kind == "Heartbeat":
+            tally.heartbeat_sent_at.append(sent_at)
         return reply
     return None
 
@@ -147,6 +154,7 @@ async def run_island(index: int, token: str, stub, spec: dict, tally: Tally) -> 
             tally.outcomes["no work"] += 1
             return
         lease_id = reply.lease.lease_id
+        tally.leased_at.append(time.time())
         stage = "heartbeat"
         interval = spec["interval"]
         next_beat = time.monotonic() + (random.uniform(0, interval) if interval > 0 else 0.0)
@@ -550,9 +558,22 @@ def summarize(scenario: dict) -> dict:
         outcomes.update(r["outcomes"])
         for key, message in r["error_details"].items():
             details.setdefault(key, message)
-    wall = max(r["end"] for r in results) - min(r["go"] for r in results)
+    go = min(r["go"] for r in results)
+    wall = max(r["end"] for r in results) - go
     rpcs = sum(kinds[k]["count"] for k in KINDS if k != "connect")
+    # Heartbeats sent once the last lease was granted: the steady state, past the start-up burst.
+    leased = [t for r in results for t in r["leased_at"]]
+    all_leased = max(leased) if leased else None
+    steady = sorted(
+        lat
+        for r in results
+        for sent, lat in zip(r["heartbeat_sent_at"], r["latencies"]["Heartbeat"], strict=True)
+        if all_leased is not None and sent > all_leased
+    )
+    kinds[STEADY] = {"count": len(steady), "errors": {}, "error_seconds": [], "retries": 0, "latencies": steady}
     return {
+        "all_leased_s": None if all_leased is None else all_leased - go,
+        "leases": len(leased),
         "kinds": kinds,
         "outcomes": dict(outcomes),
         "error_details": details,
@@ -574,7 +595,7 @@ def ms(x: float) -> str:
 
 def kind_rows(summary: dict) -> list[list[str]]:
     rows = []
-    for kind in KINDS:
+    for kind in (*KINDS, STEADY):
         k = summary["kinds"][kind]
         lat = k["latencies"]
         errors = ", ".join(f"{code} {n}" for code, n in sorted(k["errors"].items())) or "0"
@@ -601,6 +622,11 @@ def summary_rows(scenarios: list[dict]) -> tuple[list[str], list[list[str]]]:
             or "none"),
         row("partial (timeout hit)", lambda s, m: "yes" if m["timed_out"] else "no"),
         row("wall time of the load phase, s", lambda s, m: f"{m['wall_s']:.1f}"),
+        row("every lease granted after, s", lambda s, m: "-" if m["all_leased_s"] is None
+            else f"{m['all_leased_s']:.1f} ({m['leases']} leases)"),
+        row("Heartbeat once all leased: p50 / p99 ms", lambda s, m: "/".join(
+            ms(percentile(m["kinds"][STEADY]["latencies"], q)) for q in (0.5, 0.99))
+            if m["kinds"][STEADY]["latencies"] else "-"),
         row("RPCs ok", lambda s, m: f"{m['rpcs']:,}"),
         row("RPCs per second", lambda s, m: f"{m['rpc_per_s']:,.0f}"),
         row("heartbeats per second", lambda s, m: f"{m['heartbeats_per_s']:,.0f}"),
@@ -731,7 +757,8 @@ def write_report(args, command: str, info: dict, scenarios: list[dict], init_s: 
         + (f"Enroll, AcquireLease and ReleaseLease are retried up to {args.retry} times on RESOURCE_EXHAUSTED "
            "or UNAVAILABLE; heartbeats never. " if args.retry else "No call is retried. ")
         + f"Latencies are per successful call, measured in the generator; each call has a {args.rpc_timeout:g} s "
-        f"deadline, each load phase a {args.timeout:g} s bound.\n",
+        f"deadline, each load phase a {args.timeout:g} s bound. '{STEADY}' counts only the heartbeats sent after "
+        "the last lease was granted: the steady state, past the start-up burst.\n",
         table_md(header, rows) + "\n",
     ]  # fmt: skip
     parts += [line + "\n" for line in ratio_lines(scenarios)]
