@@ -7,16 +7,17 @@ report; asserts nothing.
     python bench/transfer.py --no-tls              # plaintext gRPC, to see what TLS costs
 
 The coordinator runs as a real `ddm-coordinator serve` process on 127.0.0.1, serving TLS with
-its own certificate, which the clients pin by fingerprint (as islands do). The checkpoint
-is an untrained S/4 expert (about 131 MB: the transfer does not care what the weights are;
-the coordinator still verifies every byte). The baseline is shutil.copyfile of the same file,
-with and without fsync, in the same run. Heartbeats come from one thread per simulated island
-in this process, each with its own channel, credential and lease.
+its own certificate, which the clients pin by fingerprint (as islands do). The checkpoint is an
+S/4 expert trained for ten small steps (about 131 MB; just enough to pass the coordinator's
+probe check, which is part of what an upload costs; it verifies every byte). The baseline is
+shutil.copyfile of the same file, with and without fsync, in the same run. Heartbeats come from
+one thread per simulated island in this process, each with its own channel, credential and lease.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -43,8 +44,8 @@ from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
 from coordinator.registry import Registry
 from coordinator.tls import home_fingerprint
-from ddm_model.checkpoint import save_checkpoint
-from ddm_model.dit import DiT, DiTConfig
+from ddm_model.dit import DiTConfig
+from ddm_model.train import TrainConfig, train_expert
 from protocol import ddm_pb2 as pb
 from protocol.limits import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 
@@ -102,7 +103,9 @@ def copy_fsync(src: Path, dst: Path) -> None:
 
 def transfers(work: Path, chunk: int, tls: bool) -> list[tuple[str, int, float]]:
     home = work / "transfer-home"
-    init_home(InitOptions(home=home, experts=2, preset="S/4", steps=1, router_preset="tiny", router_steps=10))
+    init_home(
+        InitOptions(home=home, experts=2, preset="S/4", steps=10, batch_size=8, router_preset="tiny", router_steps=10)
+    )
     coordinator = Coordinator(home, tls)
     rows = []
     try:
@@ -112,14 +115,10 @@ def transfers(work: Path, chunk: int, tls: bool) -> list[tuple[str, int, float]]
             lease = conn.unary("AcquireLease", pb.AcquireLeaseRequest()).lease
             shard = fetch_data(conn, lease, IslandState(work / "island"), None)
             path = work / f"expert-{lease.expert_id}.safetensors"
-            torch.manual_seed(lease.expert_id)
-            save_checkpoint(
-                path,
-                DiT(DiTConfig("S/4", 8, 1)),
-                cluster_id=lease.cluster_id,
-                steps=1,
-                data_fingerprint=shard.fingerprint(),
-            )
+            settings = TrainConfig.from_dict(json.loads(lease.train_config_json))
+            model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
+            trained = train_expert(shard, model_cfg, settings, progress=False)
+            trained.export(path, shard.fingerprint(), cluster_id=lease.cluster_id)
             files.append(path)
             size = path.stat().st_size
             start = time.perf_counter()
@@ -261,10 +260,10 @@ def main() -> None:
         f"Machine: {machine()}.\n\n"
         "The coordinator is a real `ddm-coordinator serve` process on 127.0.0.1 "
         f"({'plaintext gRPC' if args.no_tls else 'TLS, its certificate pinned by the clients'}); "
-        "the checkpoint an untrained "
-        "S/4 expert. Upload time covers BeginUpload, every chunk written and fsynced before its offset is "
-        "committed in SQLite, and CompleteUpload (sha256, header and tensor checks, move into the store, "
-        "signing). Download time covers the stream into a .part file, fsync and the sha256 check.\n\n"
+        "the checkpoint an S/4 expert trained for ten small steps. Upload time covers BeginUpload, every chunk "
+        "written and fsynced before its offset is committed in SQLite, and CompleteUpload (sha256, header and "
+        "tensor checks, the probe-slice score, move into the store, signing). Download time covers the stream "
+        "into a .part file, fsync and the sha256 check.\n\n"
         "| what | bytes | seconds | MiB/s |\n|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
         f"{ratios}.\n\n"
         "Heartbeats: one thread per simulated island in the benchmark process, each with its own channel, "
