@@ -41,7 +41,7 @@ from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 from protocol.trust import verify_signature
 
-from .conftest import Coordinator, child_env, cli, sha256_of, wait_for
+from .conftest import TLS_LINE, Coordinator, child_env, cli, sha256_of, wait_for
 from .intact import assert_intact
 from .proxy import Proxy
 
@@ -54,7 +54,8 @@ INIT = [
 @dataclass
 class Template:
     home: Path
-    fingerprint: str
+    fingerprint: str  # the signing key's
+    tls_fingerprint: str  # the TLS certificate's
     checkpoints: dict[int, Path]  # expert id -> a checkpoint trained for its lease
     shard_fingerprints: dict[int, str]
     tokens: dict[str, list[str]]  # role -> invites made in the template, so valid in every copy
@@ -65,7 +66,7 @@ class Copy(Coordinator):
     per invite)."""
 
     def __init__(self, home: Path, template: Template, run, spawn):
-        super().__init__(home, template.fingerprint, run, spawn)
+        super().__init__(home, template.fingerprint, template.tls_fingerprint, run, spawn)
         self.tokens = {role: list(tokens) for role, tokens in template.tokens.items()}
 
     def invite(self, role: str = "island") -> str:
@@ -98,7 +99,9 @@ def template(tmp_path_factory) -> Template:
     finally:
         torch.set_num_threads(threads)
     assert all(p.stat().st_size > MiB for p in checkpoints.values())  # two 1 MiB chunks
-    return Template(home.root, made.stdout.strip().splitlines()[-1], checkpoints, fingerprints, tokens)
+    lines = made.stdout.strip().splitlines()
+    tls_fingerprint = next(line[len(TLS_LINE) :] for line in lines if line.startswith(TLS_LINE))
+    return Template(home.root, lines[-1], tls_fingerprint, checkpoints, fingerprints, tokens)
 
 
 def _train(home: Home, config, e, root: Path, checkpoints: dict, fingerprints: dict) -> None:
@@ -147,8 +150,8 @@ def published(coord: Coordinator, timeout: float = 90) -> dict:
 def library_island(coord: Coordinator, tmp_path: Path, address: str | None = None, attempts: int = 1):
     """An island driven by the client library from this process: (identity, connection)."""
     state = IslandState(tmp_path / "library-island")
-    identity = enroll(state, coord.address, coord.invite(), "library", "island", coord.fingerprint)
-    return identity, Connection(address or coord.address, identity.credential, attempts=attempts)
+    identity = enroll(state, coord.address, coord.invite(), "library", "island", coord.fingerprint, coord.tls)
+    return identity, Connection(address or coord.address, identity.credential, attempts=attempts, tls=coord.tls)
 
 
 def take_lease(conn: Connection) -> pb.Lease:
@@ -169,7 +172,8 @@ def seeded_state(template: Template, state: Path) -> Path:
 
 
 def join(coord: Coordinator, state: Path, address: str | None = None, token: bool = True) -> list:
-    args = ["join", "--coordinator", address or coord.address, "--state-dir", state, "--once", "--threads", "1"]
+    args = ["join", "--coordinator", address or coord.address, "--tls-fingerprint", coord.tls_fingerprint]
+    args += ["--state-dir", state, "--once", "--threads", "1"]
     return [*args, "--token", coord.invite()] if token else args
 
 
@@ -402,7 +406,8 @@ def test_connection_cut_mid_stream_resumes_from_the_committed_offset(template, c
         proxy.arm("down", 300_000, "drop")
         reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
         out = tmp_path / "ensemble"
-        args = ["download", "--coordinator", proxy.address, "--out", out, "--fingerprint", coord.fingerprint]
+        args = ["download", "--coordinator", proxy.address, "--tls-fingerprint", coord.tls_fingerprint]
+        args += ["--out", out, "--fingerprint", coord.fingerprint]
         got = run("ddm-client", *args, *reader)
         assert got.returncode == 0, got.stderr[-3000:]
         assert proxy.tripped.is_set()

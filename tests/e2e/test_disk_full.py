@@ -44,7 +44,7 @@ def test_a_full_disk_refuses_the_chunk_and_the_upload_resumes_once_there_is_room
         "--experts", "2", "--preset", "small", "--steps", "30", "--router-preset", "tiny", "--clustering", "random"
     )
     state = IslandState(tmp_path / "island")
-    identity = enroll(state, coord.address, coord.invite(), "island", "island", coord.fingerprint)
+    identity = enroll(state, coord.address, coord.invite(), "island", "island", coord.fingerprint, coord.tls)
     conn = coord.connection(identity.credential, attempts=1)
     lease = conn.unary("AcquireLease", pb.AcquireLeaseRequest()).lease
     data = fetch_data(conn, lease, state, None)
