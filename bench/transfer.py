@@ -4,17 +4,20 @@ report; asserts nothing.
 
     python bench/transfer.py                       # about 2 minutes on a 2-core CPU
     python bench/transfer.py --islands 1 8 32 --heartbeat-seconds 5
+    python bench/transfer.py --no-tls              # plaintext gRPC, to see what TLS costs
 
-The coordinator runs as a real `ddm-coordinator serve` process on 127.0.0.1. The checkpoint
-is an untrained S/4 expert (about 131 MB: the transfer does not care what the weights are;
-the coordinator still verifies every byte). The baseline is shutil.copyfile of the same file,
-with and without fsync, in the same run. Heartbeats come from one thread per simulated island
-in this process, each with its own channel, credential and lease.
+The coordinator runs as a real `ddm-coordinator serve` process on 127.0.0.1, serving TLS with
+its own certificate, which the clients pin by fingerprint (as islands do). The checkpoint is an
+S/4 expert trained for ten small steps (about 131 MB; just enough to pass the coordinator's
+probe check, which is part of what an upload costs; it verifies every byte). The baseline is
+shutil.copyfile of the same file, with and without fsync, in the same run. Heartbeats come from
+one thread per simulated island in this process, each with its own channel, credential and lease.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -35,12 +38,14 @@ from rich.table import Table
 from client.connection import Connection
 from client.island import fetch_data
 from client.state import IslandState
+from client.tls import TlsSettings
 from client.transfer import download_artifact, upload_checkpoint
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
 from coordinator.registry import Registry
-from ddm_model.checkpoint import save_checkpoint
-from ddm_model.dit import DiT, DiTConfig
+from coordinator.tls import home_fingerprint
+from ddm_model.dit import DiTConfig
+from ddm_model.train import TrainConfig, train_expert
 from protocol import ddm_pb2 as pb
 from protocol.limits import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 
@@ -54,23 +59,29 @@ def free_port() -> int:
 
 
 class Coordinator:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, tls: bool = True):
         self.home = Home(home)
         self.address = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, "-m", "coordinator.cli", "serve", "--home", str(home), "--listen", self.address]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--home", str(home), "--listen", self.address],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            argv + ([] if tls else ["--no-tls"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(channel).result(timeout=60)
-        channel.close()
+        self.tls = TlsSettings(fingerprint=home_fingerprint(self.home)) if tls else TlsSettings(insecure=True)
+        deadline = time.monotonic() + 60
+        while True:  # until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", int(self.address.rsplit(":", 1)[1])), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         self.registry = Registry(self.home.database_url(self.home.load_config()))
 
     def island(self, role: str = "island") -> Connection:
         token = self.registry.create_invite(role, 3600)
-        reply = Connection(self.address).unary("Enroll", pb.EnrollRequest(token=token, name="bench"))
-        return Connection(self.address, reply.credential)
+        reply = Connection(self.address, tls=self.tls).unary("Enroll", pb.EnrollRequest(token=token, name="bench"))
+        return Connection(self.address, reply.credential, tls=self.tls)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -90,10 +101,12 @@ def copy_fsync(src: Path, dst: Path) -> None:
         os.fsync(f.fileno())
 
 
-def transfers(work: Path, chunk: int) -> list[tuple[str, int, float]]:
+def transfers(work: Path, chunk: int, tls: bool) -> list[tuple[str, int, float]]:
     home = work / "transfer-home"
-    init_home(InitOptions(home=home, experts=2, preset="S/4", steps=1, router_preset="tiny", router_steps=10))
-    coordinator = Coordinator(home)
+    init_home(
+        InitOptions(home=home, experts=2, preset="S/4", steps=10, batch_size=8, router_preset="tiny", router_steps=10)
+    )
+    coordinator = Coordinator(home, tls)
     rows = []
     try:
         conn = coordinator.island()
@@ -102,14 +115,10 @@ def transfers(work: Path, chunk: int) -> list[tuple[str, int, float]]:
             lease = conn.unary("AcquireLease", pb.AcquireLeaseRequest()).lease
             shard = fetch_data(conn, lease, IslandState(work / "island"), None)
             path = work / f"expert-{lease.expert_id}.safetensors"
-            torch.manual_seed(lease.expert_id)
-            save_checkpoint(
-                path,
-                DiT(DiTConfig("S/4", 8, 1)),
-                cluster_id=lease.cluster_id,
-                steps=1,
-                data_fingerprint=shard.fingerprint(),
-            )
+            settings = TrainConfig.from_dict(json.loads(lease.train_config_json))
+            model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
+            trained = train_expert(shard, model_cfg, settings, progress=False)
+            trained.export(path, shard.fingerprint(), cluster_id=lease.cluster_id)
             files.append(path)
             size = path.stat().st_size
             start = time.perf_counter()
@@ -132,7 +141,7 @@ def transfers(work: Path, chunk: int) -> list[tuple[str, int, float]]:
     return rows
 
 
-def heartbeats(work: Path, counts: list[int], seconds: float) -> list[tuple[int, int, list[float]]]:
+def heartbeats(work: Path, counts: list[int], seconds: float, tls: bool) -> list[tuple[int, int, list[float]]]:
     most = max(counts)
     home = work / "heartbeat-home"
     init_home(
@@ -147,7 +156,7 @@ def heartbeats(work: Path, counts: list[int], seconds: float) -> list[tuple[int,
             heartbeat_seconds=1,
         )
     )
-    coordinator = Coordinator(home)
+    coordinator = Coordinator(home, tls)
     results = []
     try:
         islands = []
@@ -195,13 +204,14 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=DEFAULT_CHUNK_BYTES // MIN_CHUNK_BYTES)
     parser.add_argument("--islands", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0, help="how long each load level runs")
+    parser.add_argument("--no-tls", action="store_true", help="serve plaintext gRPC instead of TLS")
     parser.add_argument("--report", type=Path, default=Path("bench/reports/transfer.md"))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ddm-bench-") as tmp:
         work = Path(tmp)
-        rows = transfers(work, args.chunk_mib * MIN_CHUNK_BYTES)
-        beats = heartbeats(work, args.islands, args.heartbeat_seconds)
+        rows = transfers(work, args.chunk_mib * MIN_CHUNK_BYTES, not args.no_tls)
+        beats = heartbeats(work, args.islands, args.heartbeat_seconds, not args.no_tls)
 
     table = Table(title=f"transfers over loopback ({args.chunk_mib} MiB chunks)")
     for col in ("what", "bytes", "seconds", "MiB/s"):
@@ -245,12 +255,15 @@ def main() -> None:
     args.report.write_text(
         "# Transfers and heartbeats over loopback\n\n"
         f"Generated by `python bench/transfer.py --chunk-mib {args.chunk_mib} --islands "
-        f"{' '.join(map(str, args.islands))} --heartbeat-seconds {args.heartbeat_seconds:g}`.\n\n"
+        f"{' '.join(map(str, args.islands))} --heartbeat-seconds {args.heartbeat_seconds:g}"
+        f"{' --no-tls' if args.no_tls else ''}`.\n\n"
         f"Machine: {machine()}.\n\n"
-        "The coordinator is a real `ddm-coordinator serve` process on 127.0.0.1; the checkpoint an untrained "
-        "S/4 expert. Upload time covers BeginUpload, every chunk written and fsynced before its offset is "
-        "committed in SQLite, and CompleteUpload (sha256, header and tensor checks, move into the store, "
-        "signing). Download time covers the stream into a .part file, fsync and the sha256 check.\n\n"
+        "The coordinator is a real `ddm-coordinator serve` process on 127.0.0.1 "
+        f"({'plaintext gRPC' if args.no_tls else 'TLS, its certificate pinned by the clients'}); "
+        "the checkpoint an S/4 expert trained for ten small steps. Upload time covers BeginUpload, every chunk "
+        "written and fsynced before its offset is committed in SQLite, and CompleteUpload (sha256, header and "
+        "tensor checks, the probe-slice score, move into the store, signing). Download time covers the stream "
+        "into a .part file, fsync and the sha256 check.\n\n"
         "| what | bytes | seconds | MiB/s |\n|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
         f"{ratios}.\n\n"
         "Heartbeats: one thread per simulated island in the benchmark process, each with its own channel, "

@@ -28,8 +28,14 @@ out = Console()
 
 STATE_HELP = "Folder for this island's identity, data and training state (default: $DDM_STATE_DIR or ~/.ddm/island)."
 
-
-TLS_HELP = "Speak TLS to the coordinator, trusting this CA certificate (PEM); without it, plaintext gRPC."
+TLS_FINGERPRINT_HELP = (
+    "Pin the coordinator's TLS certificate (sha256:..., printed by `ddm-coordinator init`; or $DDM_TLS_FINGERPRINT). "
+    "Needed on first contact unless --tls-ca or --insecure; saved in --state-dir for later commands."
+)
+TLS_CA_HELP = "Verify the coordinator's TLS certificate against this CA (PEM) instead of pinning it."
+TLS_CLIENT_CERT_HELP = "Mutual TLS: this island's certificate (PEM), for a coordinator served with --client-ca."
+TLS_CLIENT_KEY_HELP = "Mutual TLS: the key of --tls-client-cert (unencrypted PEM)."
+INSECURE_HELP = "Speak plaintext gRPC (only to a coordinator started with `serve --no-tls`)."
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -39,6 +45,13 @@ def fail(message: str, code: int = 2) -> None:
 
 def state_dir(value: Path | None) -> Path:
     return value or Path(os.environ.get("DDM_STATE_DIR", DEFAULT_STATE_DIR))
+
+
+def tls_flags(fingerprint: str | None, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool):
+    """The TLS flags as given; $DDM_TLS_FINGERPRINT and the saved settings fill in the rest."""
+    from .tls import TlsSettings
+
+    return TlsSettings(fingerprint=fingerprint, ca=ca, client_cert=cert, client_key=key, insecure=insecure)
 
 
 @app.callback()
@@ -59,15 +72,20 @@ def join(
     dataset: str = typer.Option(
         None, help="A local copy of the dataset ('digits', .npz or folder): receive index lists."
     ),
-    fingerprint: str = typer.Option(None, help="Pin the coordinator's key (sha256:...) when enrolling."),
+    fingerprint: str = typer.Option(None, help="Pin the coordinator's signing key (sha256:...) when enrolling."),
     threads: int = typer.Option(None, min=1, help="CPU threads for training."),
-    tls_ca: Path = typer.Option(None, help=TLS_HELP),
     data: str = typer.Option(None, help="Siloed mode: this island's own data (image folder or .npz); it never leaves."),
+    tls_fingerprint: str = typer.Option(None, help=TLS_FINGERPRINT_HELP),
+    tls_ca: Path = typer.Option(None, help=TLS_CA_HELP),
+    tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),
+    tls_client_key: Path = typer.Option(None, help=TLS_CLIENT_KEY_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
     from .island import JoinOptions, run_island
 
     try:
+        tls = tls_flags(tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure)
         code = run_island(
             JoinOptions(
                 coordinator=coordinator,
@@ -79,7 +97,7 @@ def join(
                 dataset=dataset,
                 fingerprint=fingerprint,
                 threads=threads,
-                tls_ca=tls_ca,
+                tls=tls,
                 data=data,
             )
         )
@@ -92,20 +110,25 @@ def join(
 def download(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the ensemble."),
-    fingerprint: str = typer.Option(None, help="The coordinator key's fingerprint (sha256:...) to pin."),
+    fingerprint: str = typer.Option(None, help="The coordinator's signing key fingerprint (sha256:...) to pin."),
     token: str = typer.Option(
         None,
         envvar="DDM_TOKEN",
         help="A reader (or island) invite, if the state folder holds no identity ($DDM_TOKEN).",
     ),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
-    tls_ca: Path = typer.Option(None, help=TLS_HELP),
+    tls_fingerprint: str = typer.Option(None, help=TLS_FINGERPRINT_HELP),
+    tls_ca: Path = typer.Option(None, help=TLS_CA_HELP),
+    tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),
+    tls_client_key: Path = typer.Option(None, help=TLS_CLIENT_KEY_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Fetch the published ensemble (resumable) and verify every signature and hash."""
     from .ensemble import download_ensemble
 
     try:
-        folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token, tls_ca)
+        tls = tls_flags(tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure)
+        folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token, tls)
     except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))
     out.print(f"verified ensemble in {folder}")

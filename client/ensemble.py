@@ -32,8 +32,9 @@ from protocol.manifest import Member, members
 from protocol.trust import TrustError, key_fingerprint, sha256_file, verify_signature
 
 from .connection import Connection
-from .island import enroll, tofu_warning
+from .island import enroll, tls_for, tofu_warning
 from .state import IslandState
+from .tls import TlsSettings
 from .transfer import bar_callback, download_artifact
 
 console = Console(stderr=True)
@@ -62,13 +63,16 @@ def download_ensemble(
     state_dir: Path,
     fingerprint: str | None = None,
     token: str | None = None,
-    tls_ca: Path | None = None,
+    tls: TlsSettings | None = None,
 ) -> Path:
+    """``tls``: the TLS flags given (client.island.tls_for completes them)."""
     state = IslandState(state_dir)
-    identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint, tls_ca)
-    conn = Connection(coordinator, identity.credential, tls_ca=tls_ca)
+    tls = tls_for(state, coordinator, tls)
+    identity = enroll(state, coordinator, token, "downloader", "reader", fingerprint, tls)
+    conn = Connection(coordinator, identity.credential, tls=tls)
     try:
         signed = conn.unary("GetManifest", pb.GetManifestRequest())
+        state.remember_tls(identity, tls)
         pin_key(state, coordinator, signed.coordinator_public_key, fingerprint)
         verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "the ensemble manifest")
         manifest = json.loads(signed.manifest_json)

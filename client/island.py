@@ -29,10 +29,13 @@ from ddm_model.dit import DiTConfig
 from ddm_model.progress import progress_bar, transfer_bar
 from ddm_model.train import TrainConfig, TrainStopped, train_expert
 from protocol import ddm_pb2 as pb
+from protocol.address import is_loopback, split_address
+from protocol.limits import MAX_NAME_CHARS, MAX_REASON_CHARS
 from protocol.trust import TrustError, is_sha256, key_fingerprint, verify_signature
 
 from .connection import ClientError, Connection
 from .state import Identity, IslandState
+from .tls import TlsSettings, first_contact_error, resolve
 from .transfer import bar_callback, download_artifact, upload_checkpoint
 
 console = Console(stderr=True)
@@ -63,7 +66,26 @@ class JoinOptions:
     data: str | None = None  # siloed mode: this island's own data, which never leaves it
     fingerprint: str | None = None  # pin the coordinator's key at enrollment
     threads: int | None = None
-    tls_ca: Path | None = None  # speak TLS, trusting this CA (PEM)
+    tls: TlsSettings | None = None  # the TLS flags given; see tls_for
+
+
+def tls_for(state: IslandState, coordinator: str, flags: TlsSettings | None) -> TlsSettings:
+    """How to reach the coordinator: the flags, then $DDM_TLS_FINGERPRINT, then the settings
+    saved with this state folder's identity."""
+    saved = state.identity()
+    tls = resolve(flags, saved.tls_settings if saved else None, coordinator)
+    try:
+        remote = not is_loopback(split_address(coordinator)[0])
+    except ValueError:
+        remote = True
+    if tls.insecure and remote:
+        console.print(
+            f"[yellow]warning:[/yellow] speaking plaintext to {coordinator} (--insecure): the credential and "
+            "data cross the network unencrypted",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return tls
 
 
 def enroll(
@@ -73,9 +95,10 @@ def enroll(
     name: str,
     role: str,
     pin: str | None,
-    tls_ca: Path | None = None,
+    tls: TlsSettings | None = None,
 ) -> Identity:
-    """The identity kept in the state folder, or a new one from an invite token.
+    """The identity kept in the state folder, or a new one from an invite token, enrolled over
+    ``tls`` (which is saved with it).
 
     ``role`` is what a new enrollment must yield; an existing island identity also serves for
     downloads, but a reader identity cannot join.
@@ -102,9 +125,11 @@ def enroll(
         return identity
     if not token:
         raise ClientError(f"no identity in {state.root} yet: pass --token with an invite from the coordinator")
-    conn = Connection(coordinator, tls_ca=tls_ca)
+    if tls is None:
+        raise first_contact_error(coordinator)
+    conn = Connection(coordinator, tls=tls)
     try:
-        reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name))
+        reply = conn.unary("Enroll", pb.EnrollRequest(token=token, name=name[:MAX_NAME_CHARS]))
     finally:
         conn.close()
     fingerprint = key_fingerprint(reply.coordinator_public_key)
@@ -123,6 +148,7 @@ def enroll(
         role=reply.role,
         public_key_hex=reply.coordinator_public_key.hex(),
         key_fingerprint=fingerprint,
+        tls=tls.to_json(),
     )
     state.save_identity(identity)
     state.remember_key(coordinator, fingerprint)
@@ -187,7 +213,7 @@ def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDatas
     if have != want:
         # The coordinator hears only that the data does not fit, not what it is.
         reason = f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images"
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
         raise ClientError(
             f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
             f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)"
@@ -219,7 +245,7 @@ def fetch_data(
     dataset = load_dataset(local)
 
     def refuse(reason: str):
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason))
+        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
         raise ClientError(reason)
 
     if dataset.fingerprint() != index.dataset_fingerprint:
@@ -299,11 +325,13 @@ def run_island(opts: JoinOptions) -> int:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ClientError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
     state = IslandState(opts.state_dir)
-    identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, opts.tls_ca)
-    conn = Connection(opts.coordinator, identity.credential, tls_ca=opts.tls_ca)
+    tls = tls_for(state, opts.coordinator, opts.tls)
+    identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, tls)
+    conn = Connection(opts.coordinator, identity.credential, tls=tls)
     try:
         while True:
             reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=opts.dataset or ""))
+            state.remember_tls(identity, tls)
             if reply.WhichOneof("result") == "no_work":
                 console.print(f"no work: {reply.no_work.reason}", highlight=False)
                 if reply.no_work.finished or opts.once:

@@ -1,6 +1,7 @@
 """The island's state folder: its identity, pinned keys, data shards, training and outbox.
 
-    STATE/identity.json        island id, credential, role, coordinator and its key (mode 0600)
+    STATE/identity.json        island id, credential, role, coordinator, its key and how to reach
+                               it over TLS (mode 0600)
     STATE/known_keys.json      coordinator address -> pinned key fingerprint (trust on first use)
     STATE/shards/<sha256>      downloaded data shards
     STATE/work/expert-N/       resume state of the training run for expert N
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from ddm_model.fsutil import atomic_path
 
+from .tls import TlsSettings
+
 DEFAULT_STATE_DIR = Path.home() / ".ddm" / "island"
 
 
@@ -30,10 +33,15 @@ class Identity:
     role: str
     public_key_hex: str
     key_fingerprint: str
+    tls: dict | None = None  # TlsSettings.to_json() last used with this identity; absent in older files
 
     @property
     def public_key(self) -> bytes:
         return bytes.fromhex(self.public_key_hex)
+
+    @property
+    def tls_settings(self) -> TlsSettings | None:
+        return TlsSettings.from_json(self.tls)
 
 
 class IslandState:
@@ -76,6 +84,12 @@ class IslandState:
     def save_identity(self, identity: Identity) -> None:
         with atomic_path(self.root / "identity.json", mode=0o600) as tmp:
             tmp.write_text(json.dumps(asdict(identity), indent=2))
+
+    def remember_tls(self, identity: Identity, tls: TlsSettings) -> None:
+        """Keep the TLS settings that just worked, so later commands need no TLS flags."""
+        if identity.tls != tls.to_json():
+            identity.tls = tls.to_json()
+            self.save_identity(identity)
 
     def known_key(self, coordinator: str) -> str | None:
         return (self._read("known_keys.json") or {}).get(coordinator)

@@ -28,7 +28,7 @@ from protocol.limits import (
 )
 from protocol.trust import sha256_file
 
-from .connection import TRANSIENT, ClientError, Connection
+from .connection import ClientError, Connection
 
 OnBytes = Callable[[int], None]  # called with the offset reached
 
@@ -81,11 +81,11 @@ def upload_checkpoint(
                 timeout=stream_deadline(size - start),
             )
         except ClientError as err:
-            # Unreachable or too slow: what was committed stays committed; ask where to resume.
-            resumable = err.code in TRANSIENT or err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Unreachable, too slow or asked to wait: what was committed stays committed; ask where to resume.
+            resumable = err.retryable or err.code == grpc.StatusCode.DEADLINE_EXCEEDED
             if not resumable or attempt == RETRY_ATTEMPTS - 1:
                 raise
-            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+            time.sleep(max(RETRY_BACKOFF_S * 2**attempt, err.retry_after or 0.0))
             state = conn.unary("QueryUpload", pb.QueryUploadRequest(upload_id=state.upload_id))
     report.reply = conn.unary(
         "CompleteUpload", pb.CompleteUploadRequest(upload_id=state.upload_id), timeout=COMPLETE_UPLOAD_DEADLINE_S
@@ -117,9 +117,9 @@ def download_artifact(conn: Connection, sha256: str, dest: Path, size: int, on_b
                 os.fsync(f.fileno())
             break
         except ClientError as err:
-            if err.code not in TRANSIENT or attempt == RETRY_ATTEMPTS - 1:
+            if not err.retryable or attempt == RETRY_ATTEMPTS - 1:
                 raise
-            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+            time.sleep(max(RETRY_BACKOFF_S * 2**attempt, err.retry_after or 0.0))
     if sha256_file(part) != sha256:
         part.unlink()
         raise ClientError(f"artifact {sha256[:12]} arrived corrupted (sha256 mismatch); run the command again")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples
 from ddm_model.train import TrainConfig, train_router
 from protocol.trust import MANIFEST_FORMAT
 
+from .faults import fault_point
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
 from .registry import Registry
@@ -93,21 +96,27 @@ class Assembler:
             data, targets = cluster_data(self.home, self.config, clusters)
             source = "the clustered dataset"
         router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
+
+        def on_progress(step: int, loss: float, rate: float) -> None:
+            self.registry.ensemble_progress(ensemble_id, step)
+            fault_point("router.training")
+
         result = train_router(
             data,
             targets,
             router_cfg,
             router_train,
-            checkpoint_dir=self.home.work / ("router-" + "-".join(map(str, clusters))),
+            checkpoint_dir=self._resume_dir(signed),
             progress=progress,
             description="router",
-            on_progress=lambda step, loss, rate: self.registry.ensemble_progress(ensemble_id, step),
+            on_progress=on_progress,
         )
         accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed)
         metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy], "trained_on": source}
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
         result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
+        fault_point("router.stored")
         experts = [
             {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
         ]
@@ -134,6 +143,16 @@ class Assembler:
             ensemble_id, router_sha, router_size, [e.checkpoint_sha256 for e in signed], manifest_json, signature
         )
         return ensemble_id
+
+    def _resume_dir(self, signed: list) -> Path:
+        """Where router training keeps its resume state: one folder per set of inputs the router
+        learns from. In shared mode that is the clusters' data alone; in siloed mode the samples
+        come from the experts themselves, so a retrained expert (after an exclusion) needs a
+        fresh run, not the resume state of its predecessor."""
+        key = "-".join(str(e.cluster_id) for e in signed)
+        if self.config.mode == "siloed":
+            key += "-" + hashlib.sha256("".join(e.checkpoint_sha256 for e in signed).encode()).hexdigest()[:16]
+        return self.home.work / f"router-{key}"
 
     def _expert_samples(self, signed: list) -> tuple[ImageDataset, torch.Tensor, str]:
         experts = [

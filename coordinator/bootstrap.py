@@ -1,6 +1,7 @@
-"""`ddm-coordinator init`: cluster the dataset, cut one shard per cluster, make the signing key
-and the registry. Everything is built in a temporary folder beside the home and renamed into
-place at the end, so a failed init leaves nothing half made."""
+"""`ddm-coordinator init`: cluster the dataset, hold a probe slice out of each cluster, cut one
+shard per cluster from the rest, make the signing key, the TLS certificate and the registry.
+Everything is built in a temporary folder beside the home and renamed into place at the end, so
+a failed init leaves nothing half made."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ddm_model.clustering import cluster_dataset
 from ddm_model.data import load_dataset, save_dataset_file
 from ddm_model.dit import DiT, DiTConfig
+from ddm_model.probe import hold_out
 from ddm_model.router import RouterConfig
 from ddm_model.train import TrainConfig
 
@@ -22,6 +24,7 @@ from .home import MODES, CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
 from .registry import Registry
 from .store import Store
+from .tls import write_certificate
 
 
 @dataclass
@@ -48,6 +51,8 @@ class InitOptions:
     heartbeat_seconds: float = 10.0
     max_upload_mb: float = 0.0
     database_url: str = ""
+    tls_names: tuple[str, ...] = ()  # names (DNS or IP) the TLS certificate adds to localhost and the hostname
+    probe_margin: float = 0.05
 
 
 def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
@@ -58,7 +63,8 @@ def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
 
 
 def init_home(opts: InitOptions) -> tuple[Home, str]:
-    """Create a coordinator home; returns it and the signing key's fingerprint."""
+    """Create a coordinator home; returns it and the signing key's fingerprint (the TLS
+    certificate's is ``tls.home_fingerprint(home)``)."""
     home = Home(opts.home)
     if home.exists():
         raise HomeError(f"{home.root} is already a coordinator home; pick another folder")
@@ -68,6 +74,8 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         raise HomeError("need 0 < heartbeat seconds < lease seconds")
     if opts.mode not in MODES:
         raise HomeError(f"unknown mode {opts.mode!r}; use {' or '.join(MODES)}")
+    if not 0 < opts.probe_margin < 1:
+        raise HomeError(f"--probe-margin must lie strictly between 0 and 1, got {opts.probe_margin}")
 
     # Validate every setting before the slow work.
     if opts.mode == "siloed":
@@ -95,6 +103,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         else:
             experts, artifacts, clustering = _cut_shards(opts, dataset, staged, store)
         key = SigningKey.create(staged.key_path)
+        write_certificate(staged, list(opts.tls_names))
         quota = (
             int(opts.max_upload_mb * 1024 * 1024)
             if opts.max_upload_mb > 0
@@ -112,6 +121,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
             router_train=router_train.to_dict(),
             mode=opts.mode,
             router_samples=opts.router_samples,
+            probe_margin=opts.probe_margin,
             lease_seconds=opts.lease_seconds,
             heartbeat_seconds=opts.heartbeat_seconds,
             max_upload_bytes=quota,
@@ -134,8 +144,9 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
 
 
 def _cut_shards(opts: InitOptions, dataset, staged: Home, store: Store):
-    """Shared mode: cluster the dataset and store one content-addressed shard per cluster.
-    Returns the expert rows, the artifacts (sha256, kind, size) and the clustering summary."""
+    """Shared mode: cluster the dataset, keep each cluster's probe slice in the home and store
+    one content-addressed shard per cluster of the rest. Returns the expert rows, the artifacts
+    (sha256, kind, size) and the clustering summary."""
     clustering = cluster_dataset(
         dataset,
         opts.experts,
@@ -147,8 +158,14 @@ def _cut_shards(opts: InitOptions, dataset, staged: Home, store: Store):
     clustering.save(staged.clustering_path)
     clustering_sha, clustering_size = store.add_file(staged.clustering_path)
     experts, artifacts = [], [(clustering_sha, "clustering", clustering_size)]
+    probe = {"sizes": [], "fingerprints": []}
+    staged.probe_path(0).parent.mkdir()
     for k in range(opts.experts):
-        shard = dataset.subset(clustering.members(k), name=f"{dataset.name}-cluster-{k}")
+        train_ids, probe_ids = hold_out(clustering.members(k), opts.seed, k)
+        held = dataset.subset(probe_ids, name=f"{dataset.name}-cluster-{k}-probe")
+        probe["fingerprints"].append(save_dataset_file(held, staged.probe_path(k)))
+        probe["sizes"].append(len(probe_ids))
+        shard = dataset.subset(train_ids, name=f"{dataset.name}-cluster-{k}")
         tmp = staged.root / f"shard-{k}.safetensors"
         fingerprint = save_dataset_file(shard, tmp)
         sha, size = store.add_file(tmp, move=True)
@@ -160,6 +177,7 @@ def _cut_shards(opts: InitOptions, dataset, staged: Home, store: Store):
         "seed": opts.seed,
         "sha256": clustering_sha,
         "sizes": clustering.sizes.tolist(),
+        "probe": probe,  # held out of every shard and index list; see ddm_model/probe.py
     }
     return experts, artifacts, summary
 

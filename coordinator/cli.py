@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import typer
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
 from ddm_model import __version__
@@ -66,9 +64,19 @@ def init(
     heartbeat_seconds: float = typer.Option(10.0, help="How often islands report progress."),
     max_upload_mb: float = typer.Option(0.0, help="Upload quota per checkpoint (0: expected size + 1 MiB)."),
     database: str = typer.Option("", help="SQLAlchemy URL of the registry (default: SQLite in the home)."),
+    tls_name: list[str] = typer.Option(
+        None, help="A DNS name or IP address islands reach this machine by, for the TLS certificate (repeatable)."
+    ),
+    probe_margin: float = typer.Option(
+        0.05,
+        help="Shared mode: an upload is refused unless its loss on its cluster's held-out probe slice is"
+        " this fraction below an untrained model's.",
+    ),
 ) -> None:
-    """Cluster the dataset, cut one shard per cluster, create the registry and the signing key."""
+    """Cluster the dataset, hold out a probe slice of each cluster, cut one shard per cluster from
+    the rest, create the registry, the signing key and the TLS certificate."""
     from .bootstrap import InitOptions, init_home
+    from .tls import home_fingerprint
 
     try:
         root = _home(home).root
@@ -95,6 +103,8 @@ def init(
                 heartbeat_seconds=heartbeat_seconds,
                 max_upload_mb=max_upload_mb,
                 database_url=database,
+                tls_names=tuple(tls_name or ()),
+                probe_margin=probe_margin,
             )
         )
     except (DDMError, OSError) as exc:
@@ -110,6 +120,8 @@ def init(
         out.print(
             f"initialised {made.root}: {experts} experts on {dataset}, cluster sizes {config.clustering['sizes']}"
         )
+    print(f"TLS certificate fingerprint: {home_fingerprint(made)}")
+    out.print("  islands and downloaders pass it with --tls-fingerprint", highlight=False)
     out.print("signing key fingerprint:")
     print(fingerprint)
 
@@ -118,35 +130,63 @@ def init(
 def serve(
     home: Path = typer.Option(None, help=HOME_HELP),
     listen: str = typer.Option("127.0.0.1:50051", help="HOST:PORT to listen on (0.0.0.0:PORT for every interface)."),
-    tls_cert: Path = typer.Option(None, help="Serve TLS with this certificate chain (PEM); needs --tls-key."),
-    tls_key: Path = typer.Option(None, help="The TLS private key (PEM)."),
+    tls_cert: Path = typer.Option(
+        None, help="Serve this certificate chain (PEM, e.g. CA-issued) instead of the home's own; needs --tls-key."
+    ),
+    tls_key: Path = typer.Option(None, help="The private key of --tls-cert (unencrypted PEM)."),
+    client_ca: Path = typer.Option(
+        None, help="Mutual TLS: every client must present a certificate signed by this CA (PEM)."
+    ),
+    no_tls: bool = typer.Option(False, "--no-tls", help="Serve plaintext gRPC; only on loopback unless --insecure."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="With --no-tls: allow plaintext on a non-loopback address (a trusted network only)."
+    ),
 ) -> None:
-    """Run the coordinator until interrupted."""
-    from .server import CoordinatorServer
+    """Run the coordinator until interrupted. TLS with the home's certificate unless told otherwise."""
+    from protocol.address import is_loopback, split_address
+
+    from .tls import load_server_tls
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    tls = None
-    if (tls_cert is None) != (tls_key is None):
-        fail("--tls-cert and --tls-key go together")
-    if tls_cert is not None:
-        try:
-            tls = (tls_cert.read_bytes(), tls_key.read_bytes())
-        except OSError as exc:
-            fail(f"cannot read {exc.filename}: {exc.strerror}")
-        try:
-            x509.load_pem_x509_certificates(tls[0])
-            serialization.load_pem_private_key(tls[1], password=None)
-        except ValueError as exc:
-            fail(f"--tls-cert must be a PEM certificate chain and --tls-key an unencrypted PEM private key ({exc})")
     try:
-        server = CoordinatorServer(_home(home), listen, tls)
+        host = split_address(listen)[0]
+    except ValueError as exc:
+        fail(f"--listen {exc}")
+    if insecure and not no_tls:
+        fail("--insecure only goes with --no-tls (it allows plaintext beyond loopback); TLS needs neither")
+    if no_tls and (tls_cert or tls_key or client_ca):
+        fail("--no-tls does not go with --tls-cert, --tls-key or --client-ca")
+    if no_tls and not is_loopback(host) and not insecure:
+        fail(
+            f"refusing to serve plaintext on {listen}, which is not a loopback address: invite tokens, credentials "
+            "and data would cross the network unencrypted; drop --no-tls to serve TLS, or add --insecure on a "
+            "network you trust"
+        )
+    try:
+        h = _home(home)
+        tls = None if no_tls else load_server_tls(h, tls_cert, tls_key, client_ca)
+        from .server import CoordinatorServer  # after the checks: it imports torch
+
+        server = CoordinatorServer(h, listen, tls)
     except (DDMError, OSError) as exc:
         fail(str(exc))
+    if tls is None and not is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/yellow] serving plaintext on {listen} (--insecure): invite tokens, credentials and "
+            "data cross the network unencrypted",
+            highlight=False,
+            soft_wrap=True,
+        )
     server.start()
-    host = listen.rsplit(":", 1)[0]
-    mode = "TLS" if tls else "plaintext"
+    if tls is None:
+        mode = "plaintext"
+    elif tls.client_ca is None:
+        mode = f"TLS, certificate {tls.fingerprint}"
+    else:
+        mode = f"mTLS, certificate {tls.fingerprint}, clients need a certificate from {client_ca}"
+    where = f"{listen.rsplit(':', 1)[0]}:{server.port}"
     err_console.print(
-        f"coordinator listening on {host}:{server.port} ({mode}), key {server.key.fingerprint}",
+        f"coordinator listening on {where} ({mode}), signing key {server.key.fingerprint}",
         highlight=False,
         soft_wrap=True,
     )
@@ -160,24 +200,63 @@ def serve(
 
 
 @app.command()
+def tls(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    name: list[str] = typer.Option(
+        None, help="A DNS name or IP address islands reach this machine by, for the certificate (repeatable)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the home's certificate: islands must pin the new one."),
+) -> None:
+    """Create the home's TLS key and self-signed certificate (init does it; this is for homes made
+    without one, or to replace it). Prints its fingerprint (the last line)."""
+    from .tls import write_certificate
+
+    try:
+        h = _home(home)
+        h.load_config()
+        if h.tls_cert_path.exists() and not force:
+            fail(f"{h.tls_cert_path} exists; pass --force to replace it (every island must then pin the new one)")
+        fingerprint = write_certificate(h, list(name or ()))
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"wrote {h.tls_cert_path} and {h.tls_key_path}; islands pass --tls-fingerprint", highlight=False)
+    out.print("TLS certificate fingerprint:")
+    print(fingerprint)
+
+
+@app.command()
 def invite(
     home: Path = typer.Option(None, help=HOME_HELP),
     role: str = typer.Option("island", help="island (trains experts) or reader (downloads only)."),
     ttl_hours: float = typer.Option(24.0, help="Hours until the token expires."),
+    address: str = typer.Option("HOST:50051", help="HOST:PORT islands reach this coordinator at, for the hint."),
 ) -> None:
-    """Print a single-use, expiring invite token (the last line of output)."""
+    """Print a single-use, expiring invite token (the last line of output), after a command that uses it."""
+    from .keys import SigningKey
     from .registry import Registry
+    from .tls import home_fingerprint
 
     if ttl_hours <= 0:
         fail("--ttl-hours must be positive")
     try:
         h = _home(home)
         config = h.load_config()
+        key = SigningKey.load(h.key_path).fingerprint
         registry = Registry(h.database_url(config))
         token = registry.create_invite(role, ttl_hours * 3600)
         registry.close()
     except (DDMError, OSError) as exc:
         fail(str(exc))
+    tls_fp = home_fingerprint(h)
+    tls = f"--tls-fingerprint {tls_fp}" if tls_fp else "--tls-ca CA.pem"
+    if not tls_fp:
+        out.print(f"note: {h.root} has no TLS certificate yet; create one with `ddm-coordinator tls`", highlight=False)
+    if role == "reader":
+        hint = f"ddm-client download --coordinator {address} {tls} --fingerprint {key} --out ensemble/ --token {token}"
+    else:
+        hint = f"ddm-client join --coordinator {address} {tls} --fingerprint {key} --token {token}"
+    out.print(f"on the {role}'s machine:", highlight=False)
+    print(f"  {hint}")
     out.print(f"single-use {role} invite, valid for {ttl_hours:g} h:")
     print(token)
 
@@ -186,18 +265,24 @@ def invite(
 def status(
     home: Path = typer.Option(None, help=HOME_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    events: int = typer.Option(
+        None, min=0, help="Show the last N events of the log (default: 10 in the tables, none in --json)."
+    ),
 ) -> None:
-    """Show islands, experts, leases, router and ensemble state, and the key fingerprint."""
+    """Show islands, experts, leases, router and ensemble state, the key fingerprint and the
+    latest events (`ddm-coordinator events` shows more)."""
     from .keys import SigningKey
     from .registry import Registry
     from .status import build_status, render_status
 
+    if events is None:
+        events = 0 if as_json else 10
     try:
         h = _home(home)
         config = h.load_config()
         registry = Registry(h.database_url(config))
         fingerprint = SigningKey.load(h.key_path).fingerprint
-        report = build_status(h, config, registry, fingerprint)
+        report = build_status(h, config, registry, fingerprint, events=events)
         registry.close()
     except (DDMError, OSError) as exc:
         fail(str(exc))
@@ -205,6 +290,131 @@ def status(
         print(json.dumps(report, indent=2))
     else:
         render_status(report, out)
+
+
+@app.command()
+def events(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    island: str = typer.Option(None, help="Only the events of this island."),
+    kind: str = typer.Option(None, help="Only events of this kind (enroll, lease, signed, revoked, ...)."),
+    limit: int = typer.Option(50, min=0, help="The last N matching events (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the append-only event log: every state change, oldest first."""
+    from .registry import Registry
+    from .status import build_events, render_events
+
+    try:
+        h = _home(home)
+        registry = Registry(h.database_url(h.load_config()))
+        rows = build_events(registry, limit=limit or None, island_id=island, kind=kind)
+        registry.close()
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        render_events(rows, out, title=f"{len(rows)} events")
+
+
+@app.command()
+def revoke(
+    island: str = typer.Argument(..., help="The island's id (as `ddm-coordinator status` lists it)."),
+    home: Path = typer.Option(None, help=HOME_HELP),
+    reason: str = typer.Option("", help="Why; the island is told, and the event log keeps it."),
+    exclude: bool = typer.Option(
+        False, "--exclude", help="Also drop its signed experts and republish the ensemble without them."
+    ),
+) -> None:
+    """End an island's access at once (also while `serve` runs): its leases end, its unfinished
+    uploads are discarded; with --exclude its experts open again for other islands and the
+    ensemble is republished without them."""
+    from .registry import Registry
+    from .store import Store
+
+    try:
+        h = _home(home)
+        config = h.load_config()
+        registry = Registry(h.database_url(config), lease_seconds=config.lease_seconds)
+        store = Store(h.artifacts, h.staging)
+        done = registry.revoke(island, reason, exclude=exclude)
+        for upload_id in done.uploads:
+            store.discard_staged(upload_id)
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"revoked island {done.island_id} ({done.reason}); its next call is refused", highlight=False)
+    leases = ", ".join(f"{lease} (expert {expert})" for lease, expert in done.leases)
+    out.print(f"leases ended: {leases or 'none'}; their experts are open again", highlight=False)
+    out.print(f"uploads discarded: {', '.join(done.uploads) or 'none'}", highlight=False)
+    if exclude:
+        out.print(f"experts reopened: {', '.join(map(str, done.experts)) or 'none'}", highlight=False)
+        out.print(f"ensembles withdrawn: {', '.join(map(str, done.withdrawn)) or 'none'}", highlight=False)
+        if done.stopped:
+            out.print(f"assemblies stopped: {', '.join(map(str, done.stopped))}", highlight=False)
+        if done.withdrawn or done.stopped:
+            _republish(h, config, registry, store)
+    registry.close()
+
+
+def _republish(h, config, registry, store) -> None:
+    """After an exclusion: publish the ensemble again over the experts still signed."""
+    signed = sum(e.state == "signed" for e in registry.experts())
+    if signed < 2:
+        out.print(
+            f"not republished: {signed} signed expert(s) remain and an ensemble needs 2; the excluded experts"
+            " are open for other islands to retrain",
+            highlight=False,
+        )
+        return
+    from .assemble import Assembler  # torch: imported only when a router is to be trained
+    from .keys import SigningKey
+
+    try:
+        assembler = Assembler(h, config, registry, store, SigningKey.load(h.key_path))
+        ensemble_id = assembler.run(progress=True)
+    except (DDMError, OSError) as exc:
+        fail(f"the revocation stands, but republishing failed: {exc}; retry with `ddm-coordinator assemble`")
+    out.print(f"published ensemble {ensemble_id} over the {signed} remaining signed experts", highlight=False)
+
+
+@app.command()
+def check(
+    home: Path = typer.Option(None, help=HOME_HELP),
+    rehash: bool = typer.Option(False, "--hash", help="Also re-hash every artifact (reads the whole store)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be changed; change nothing."),
+) -> None:
+    """Check the registry's integrity and reconcile it with the artifact store, as `serve` does on
+    start: remove what crashes leave behind, flag lost artifacts. Exits 1 if any is lost."""
+    from .home import HomeBusy, HomeLock
+    from .reconcile import reconcile
+    from .registry import Registry
+    from .store import Store
+
+    logging.getLogger("ddm.coordinator").addHandler(logging.NullHandler())  # the summary below says it all
+    lock = None
+    try:
+        h = _home(home)
+        config = h.load_config()
+        try:
+            lock = None if dry_run else HomeLock(h)
+        except HomeBusy as busy:
+            out.print(f"{busy}: reporting only, nothing is changed", highlight=False)
+        registry = Registry(h.database_url(config))
+        result = reconcile(h, registry, Store(h.artifacts, h.staging), rehash=rehash, repair=lock is not None)
+        registry.close()
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    finally:
+        if lock is not None:
+            lock.release()
+    for line in result.actions:
+        out.print(f"  {line}", highlight=False)
+    for line in result.notes:
+        out.print(f"  note: {line}", highlight=False)
+    for line in result.problems:
+        out.print(f"  [red]problem:[/red] {line}", highlight=False)
+    out.print(result.summary(), highlight=False)
+    raise typer.Exit(1 if result.problems else 0)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """`ddm-coordinator demo`: the whole system on one machine, as separate processes.
 
-    OUT/coordinator/     the coordinator's home (init here, then `ddm-coordinator serve` on loopback)
-    OUT/islands/N/       each island's state folder (`ddm-client join --once`, one process each)
+    OUT/coordinator/     the coordinator's home (init here, then `ddm-coordinator serve` on loopback, TLS)
+    OUT/islands/N/       each island's state folder (`ddm-client join --once`, one process each,
+                         pinning the coordinator's TLS certificate by fingerprint)
     OUT/reader/          the downloader's state folder
     OUT/ensemble/        the downloaded, verified ensemble
     OUT/samples.png      a grid of samples; OUT/samples.npz the raw samples
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 from rich.console import Console
@@ -32,12 +33,14 @@ from ddm_model.ensemble import parse_routing
 from ddm_model.errors import DDMError
 from ddm_model.metrics import Evaluator
 from ddm_model.progress import progress_bar
+from protocol.address import split_address
 
 from .bootstrap import InitOptions, init_home
 from .home import Home
 from .keys import SigningKey
 from .registry import Registry
 from .status import build_status
+from .tls import home_fingerprint, write_certificate
 
 console = Console()
 POLL_S = 0.5
@@ -145,14 +148,20 @@ def prepare_home(s: DemoSettings, home: Home) -> str:
     return fingerprint
 
 
-def wait_ready(address: str, timeout: float = 60.0) -> None:
-    channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise DemoError(f"the coordinator did not come up on {address}") from None
-    finally:
-        channel.close()
+def wait_ready(address: str, coordinator: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the coordinator completes a TLS handshake (the islands check its certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(split_address(address), timeout=1.0) as sock, context.wrap_socket(sock):
+                return
+        except OSError:
+            if coordinator.poll() is not None or time.monotonic() > deadline:
+                raise DemoError(f"the coordinator did not come up on {address}") from None
+            time.sleep(0.1)
 
 
 def follow(home: Home, registry: Registry, procs: Processes, fingerprint: str) -> dict:
@@ -190,18 +199,20 @@ def run_demo(s: DemoSettings) -> dict:
     out = s.out.resolve()
     home = Home(out / "coordinator")
     fingerprint = prepare_home(s, home)
-    console.print(f"coordinator key {fingerprint}", highlight=False, soft_wrap=True)
+    tls_fingerprint = home_fingerprint(home) or write_certificate(home)
+    console.print(f"coordinator key {fingerprint}, TLS certificate {tls_fingerprint}", highlight=False, soft_wrap=True)
 
     procs = Processes(out / "logs")
     address = f"127.0.0.1:{free_port()}"
     registry = Registry(home.database_url(home.load_config()))
     try:
-        procs.start("coordinator", cli("coordinator", "serve", "--home", home.root, "--listen", address))
-        wait_ready(address)
+        coordinator = procs.start("coordinator", cli("coordinator", "serve", "--home", home.root, "--listen", address))
+        wait_ready(address, coordinator)
         threads = max(1, (os.cpu_count() or 1) // s.experts)
+        connect = ["--coordinator", address, "--tls-fingerprint", tls_fingerprint]
         for k in range(s.experts):
             state = out / "islands" / str(k)
-            argv = ["join", "--coordinator", address, "--state-dir", state, "--once", "--name", f"island-{k}"]
+            argv = ["join", *connect, "--state-dir", state, "--once", "--name", f"island-{k}"]
             argv += ["--threads", str(threads)]
             if not (state / "identity.json").exists():
                 argv += ["--token", registry.create_invite("island", 3600)]
@@ -214,7 +225,7 @@ def run_demo(s: DemoSettings) -> dict:
         follow(home, registry, procs, fingerprint)
 
         reader = out / "reader"
-        argv = ["download", "--coordinator", address, "--out", out / "ensemble", "--fingerprint", fingerprint]
+        argv = ["download", *connect, "--out", out / "ensemble", "--fingerprint", fingerprint]
         argv += ["--state-dir", reader]
         if not (reader / "identity.json").exists():
             argv += ["--token", registry.create_invite("reader", 3600)]

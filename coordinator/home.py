@@ -2,17 +2,23 @@
 
     HOME/config.json           what `init` decided: dataset, experts, model and training settings
     HOME/signing_key.pem       the Ed25519 signing key (mode 0600)
+    HOME/tls_cert.pem          the self-signed TLS certificate `serve` presents (islands pin it)
+    HOME/tls_key.pem           its ECDSA P-256 key (mode 0600)
     HOME/ddm.db                the SQLite registry (unless config names another database URL)
     HOME/clustering.safetensors
+    HOME/probe/cluster-<k>.safetensors   shared mode: each cluster's held-out probe slice
     HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
     HOME/staging/<upload id>   uploads in progress
     HOME/work/                 the coordinator's own training state (the router)
+    HOME/damaged/              store files that failed their size or hash check, kept aside
+    HOME/serve.lock            held (flock) by the process serving the home
 
 ``--home`` defaults to $DDM_HOME.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -54,10 +60,18 @@ class CoordinatorConfig:
     mode: str = "shared"  # shared: the coordinator holds the dataset; siloed: only the islands hold data
     router_samples: int = 1024  # siloed: samples drawn from each expert to train the router on
     router_sampling_steps: int = 20
+    probe_margin: float = 0.05  # shared: an expert's probe loss must be this fraction below an untrained model's
     lease_seconds: float = 120.0
     heartbeat_seconds: float = 10.0
     max_upload_bytes: int = 0  # 0: the expected checkpoint size plus 1 MiB of header room
+    # Bytes accepted for one expert from one island over all its uploads (0: 4 checkpoints' worth).
+    max_expert_upload_bytes: int = 0
+    stale_upload_seconds: float = 3600.0  # an open upload with no chunk for this long is abandoned
+    disk_reserve_bytes: int = 64 * 1024 * 1024  # BeginUpload needs this much free beyond the upload
     database_url: str = ""  # "": SQLite at HOME/ddm.db
+
+    def expert_upload_quota(self) -> int:
+        return self.max_expert_upload_bytes or 4 * self.max_upload_bytes
 
     def to_json(self) -> str:
         return json.dumps({"format": CONFIG_FORMAT, **asdict(self)}, indent=2, sort_keys=True)
@@ -76,8 +90,19 @@ class Home:
         return self.root / "signing_key.pem"
 
     @property
+    def tls_cert_path(self) -> Path:
+        return self.root / "tls_cert.pem"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.root / "tls_key.pem"
+
+    @property
     def clustering_path(self) -> Path:
         return self.root / "clustering.safetensors"
+
+    def probe_path(self, cluster: int) -> Path:
+        return self.root / "probe" / f"cluster-{cluster}.safetensors"
 
     @property
     def artifacts(self) -> Path:
@@ -90,6 +115,10 @@ class Home:
     @property
     def work(self) -> Path:
         return self.root / "work"
+
+    @property
+    def damaged(self) -> Path:
+        return self.root / "damaged"
 
     def database_url(self, config: CoordinatorConfig) -> str:
         return config.database_url or f"sqlite:///{self.root / 'ddm.db'}"
@@ -111,3 +140,31 @@ class Home:
     def save_config(self, config: CoordinatorConfig) -> None:
         with atomic_path(self.config_path) as tmp:
             tmp.write_text(config.to_json())
+
+
+class HomeBusy(HomeError):
+    """Another process is serving the home."""
+
+
+class HomeLock:
+    """The serving process's exclusive claim on a home: an flock on HOME/serve.lock, which the
+    kernel drops when the process ends, however it ends (SIGKILL included)."""
+
+    def __init__(self, home: Home):
+        self.path = home.root / "serve.lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise HomeBusy(f"a coordinator (pid {holder}) is already serving {home.root}; stop it first") from None
+        self._file.truncate(0)
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()

@@ -1,9 +1,11 @@
-"""`ddm-coordinator serve`: the gRPC server, its lease reaper and the assembly trigger."""
+"""`ddm-coordinator serve`: the gRPC server, its reaper (leases, traffic counters, stale uploads)
+and the assembly trigger."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,26 +14,37 @@ from protocol import ddm_pb2_grpc
 from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_WORKERS
 
 from .assemble import Assembler
-from .auth import AuthInterceptor
-from .home import Home, HomeError
+from .auth import AuthInterceptor, DecodingInterceptor
+from .home import Home, HomeError, HomeLock
 from .keys import SigningKey
-from .registry import Registry
+from .reconcile import reconcile
+from .registry import Registry, manifest_checkpoints
 from .service import CoordinatorService
 from .store import Store
+from .tls import ServerTls
 
 log = logging.getLogger("ddm.coordinator")
 REAP_EVERY_S = 1.0
+CLEAN_STAGING_EVERY_S = 60.0
 
 
 class CoordinatorServer:
-    def __init__(self, home: Home, listen: str, tls: tuple[bytes, bytes] | None = None):
-        """``tls``: (certificate chain PEM, private key PEM) to serve TLS; None serves plaintext."""
+    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None):
+        """``tls``: the certificate (and, for mutual TLS, the client CA) to serve TLS with; None
+        serves plaintext (in-process tests, loopback)."""
         self.home = home
         self.config = home.load_config()
-        self.key = SigningKey.load(home.key_path)
-        self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+        self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
+        try:
+            self.key = SigningKey.load(home.key_path)
+            self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+            self.store = Store(home.artifacts, home.staging)
+            self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
+        except BaseException:
+            self.lock.release()
+            raise
+        log.info("reconciled the home: %s", self.reconciliation.summary())
         self.registry.create()  # no-op on an existing registry
-        self.store = Store(home.artifacts, home.staging)
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
@@ -39,7 +52,7 @@ class CoordinatorServer:
         self.auth = AuthInterceptor(self.registry)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=SERVER_WORKERS),
-            interceptors=[self.auth],
+            interceptors=[DecodingInterceptor(), self.auth],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
         )
@@ -48,14 +61,15 @@ class CoordinatorServer:
             if tls is None:
                 self.port = self.server.add_insecure_port(listen)
             else:
-                chain, key = tls
-                self.port = self.server.add_secure_port(listen, grpc.ssl_server_credentials([(key, chain)]))
+                self.port = self.server.add_secure_port(listen, tls.credentials())
         except RuntimeError:
             self.port = 0
         if not self.port:
+            self.lock.release()
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
+        self.clean_staging_every_s = CLEAN_STAGING_EVERY_S
 
     def start(self) -> None:
         self.server.start()
@@ -69,17 +83,26 @@ class CoordinatorServer:
         for e in interrupted:
             self.registry.fail_ensemble(e["id"], "interrupted by a coordinator restart; assembling again")
         all_signed = all(e["state"] == "signed" for e in snapshot["experts"])
-        published = any(e["state"] == "published" for e in snapshot["ensembles"])
+        signed = {e["checkpoint_sha256"] for e in snapshot["experts"]}
+        # Published already: an ensemble of exactly the signed experts (after `revoke --exclude`,
+        # a retrained expert is not in the ensemble published without it).
+        published = any(
+            e["state"] == "published" and set(manifest_checkpoints(e["manifest_json"])) == signed
+            for e in snapshot["ensembles"]
+        )
         if all_signed and (interrupted or not published):
             self.assembler.request()
 
     def _reap(self) -> None:
+        cleaned = float("-inf")  # the first round cleans staging: a restart may find what a crash left
         while not self._stop.wait(REAP_EVERY_S):
             try:
                 self.auth.flush()
                 expired = self.registry.expire_leases()
                 if expired:
                     log.info("%d lease(s) expired; their experts are open again", expired)
+                if time.monotonic() - cleaned >= self.clean_staging_every_s and self.service.clean_staging():
+                    cleaned = time.monotonic()
             except Exception:
                 log.exception("lease reaper")
 
@@ -91,3 +114,4 @@ class CoordinatorServer:
         self.server.stop(grace).wait()
         self.auth.flush()
         self.registry.close()
+        self.lock.release()

@@ -11,26 +11,45 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import numpy as np
+from sqlalchemy.exc import OperationalError
 
-from ddm_model.checkpoint import CheckpointError, verify_checkpoint
+from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
+from ddm_model.data import ImageDataset, load_dataset_file
+from ddm_model.probe import Probe, probe_seed
 from protocol import ddm_pb2 as pb
 from protocol import ddm_pb2_grpc
-from protocol.limits import MAX_CHUNK_BYTES, MAX_DOWNLOADS_PER_ISLAND, MAX_METRICS_BYTES, MIN_CHUNK_BYTES
+from protocol.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_DOWNLOADS_PER_ISLAND,
+    MAX_METRICS_BYTES,
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
+    MAX_UPLOADS,
+    MAX_UPLOADS_PER_ISLAND,
+    MIN_CHUNK_BYTES,
+    MiB,
+    retry_after_metadata,
+)
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
-from .home import CoordinatorConfig, Home
+from .faults import fault_point
+from .home import CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
-from .registry import Grant, Registry, RegistryError
+from .registry import Grant, Registry, RegistryError, Revoked, shown
 from .status import build_status
-from .store import Store
+from .store import DiskFull, Store
 
 log = logging.getLogger("ddm.coordinator")
 
@@ -47,9 +66,12 @@ CODES = {
 
 
 class Refused(Exception):
-    def __init__(self, code: str, message: str):
+    """A refusal; ``retry_after`` (seconds) asks the caller to try again then."""
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after
 
 
 def refuse(context, code: str, message: str):
@@ -60,14 +82,61 @@ def _abort(context, method: str, exc: Exception):
     """End the call with the status a refusal names; anything unexpected is INTERNAL and logged."""
     island = getattr(context, "island", None)
     who = f" (island {island.id})" if island else ""
-    if isinstance(exc, (Refused, RegistryError)):
+    if _disk_full(exc):
+        exc = DiskFull(f"the coordinator's disk is full ({exc.orig}); nothing was recorded; try again later")
+    if isinstance(exc, (Refused, RegistryError, DiskFull)):
         log.warning("%s refused%s: %s", method, who, exc)
+        if getattr(exc, "retry_after", None):
+            context.set_trailing_metadata(retry_after_metadata(exc.retry_after))
         context.abort(CODES[exc.code], str(exc))
     if isinstance(exc, grpc.RpcError):  # the client went away mid-stream; what it sent is committed
         log.info("%s ended by the client%s: %s", method, who, exc.code() if hasattr(exc, "code") else exc)
         return
     log.error("%s failed%s", method, who, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
+
+
+def _disk_full(exc: Exception) -> bool:
+    """SQLite could not write (a full disk); its transaction was rolled back."""
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+class Slots:
+    """Streams of one kind open at once: at most ``per_island`` per identity, ``total`` in all."""
+
+    def __init__(self, what: str, per_island: int, total: int | None = None):
+        self.what = what
+        self.per_island = per_island
+        self.total = total
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def open(self, island_id: str | None = None) -> int:
+        with self._lock:
+            return self._open[island_id] if island_id else sum(self._open.values())
+
+    @contextmanager
+    def hold(self, island_id: str) -> Iterator[None]:
+        with self._lock:
+            if self.total is not None and sum(self._open.values()) >= self.total:
+                raise Refused(
+                    "resource_exhausted",
+                    f"the coordinator is serving {self.total} {self.what}s at once; retry in a few seconds",
+                    retry_after=2.0,
+                )
+            if self._open[island_id] >= self.per_island:
+                raise Refused(
+                    "resource_exhausted",
+                    f"at most {self.per_island} {self.what}s at once per identity; finish one first",
+                )
+            self._open[island_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[island_id] -= 1
+                if not self._open[island_id]:
+                    del self._open[island_id]
 
 
 def rpc(method):
@@ -120,16 +189,28 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.on_all_signed = on_all_signed
         # Shared mode only: a siloed coordinator holds no data and no clustering.
         self.clustering = None if config.mode == "siloed" else Clustering.load(home.clustering_path)
+        # Shared mode: each cluster's held-out probe slice (no island trains on it), read and
+        # scored by an untrained model once. A home made before probe slices existed has none.
+        self._probe_summary = config.clustering.get("probe") if self.clustering is not None else None
+        if self._probe_summary is not None:
+            for k in range(config.experts):
+                if not home.probe_path(k).is_file():
+                    raise HomeError(f"{home.probe_path(k)} is missing; restore the home from a backup")
+        elif self.clustering is not None:
+            log.warning("this home has no held-out probe slices: uploads are checked but not scored")
+        self._held_out: dict[int, ImageDataset] = {}
+        self._probes: dict[int, Probe] = {}
+        self._probe_lock = threading.Lock()
         self._complete_lock = threading.Lock()
-        self._downloads: Counter[str] = Counter()  # streams open per island
-        self._downloads_lock = threading.Lock()
+        self.downloads = Slots("download", MAX_DOWNLOADS_PER_ISLAND)
+        self.uploads = Slots("upload stream", MAX_UPLOADS_PER_ISLAND, MAX_UPLOADS)
 
     # -- identity and leases ------------------------------------------------------------------
 
     @rpc
     def Enroll(self, request, context):
         island, credential = self.registry.redeem_invite(request.token, request.name)
-        log.info("enrolled island %s (%s) as %s", island.id, request.name, island.role)
+        log.info("enrolled island %s (%s) as %s", island.id, shown(request.name, MAX_NAME_CHARS), island.role)
         return pb.EnrollReply(
             island_id=island.id,
             credential=credential,
@@ -171,7 +252,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 pb.IndexList(
                     dataset=self.config.dataset,
                     dataset_fingerprint=self.config.dataset_fingerprint,
-                    ids=self.clustering.members(grant.cluster_id).tolist(),
+                    ids=self._training_ids(grant.cluster_id).tolist(),
                 )
             )
         else:
@@ -189,7 +270,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     @rpc
     def ReleaseLease(self, request, context):
         self.registry.release_lease(context.island.id, request.lease_id, request.reason)
-        log.info("island %s released lease %s: %s", context.island.id, request.lease_id, request.reason)
+        reason = shown(request.reason, MAX_REASON_CHARS)
+        log.info("island %s released lease %s: %s", context.island.id, request.lease_id, reason)
         return pb.ReleaseLeaseReply()
 
     # -- uploads --------------------------------------------------------------------------------
@@ -208,8 +290,22 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     def BeginUpload(self, request, context):
         if not is_sha256(request.sha256):
             refuse(context, "invalid_argument", "sha256 must be 64 lowercase hex characters")
+        free = shutil.disk_usage(self.store.staging).free
+        if free < request.size + self.config.disk_reserve_bytes:
+            refuse(
+                context,
+                "resource_exhausted",
+                f"the coordinator's disk is full: {free / MiB:.0f} MiB free, an upload of {request.size / MiB:.1f} MiB"
+                f" needs {self.config.disk_reserve_bytes / MiB:.0f} MiB to spare; try again once its operator has"
+                " freed space",
+            )
         upload, superseded = self.registry.begin_upload(
-            context.island.id, request.lease_id, request.size, request.sha256, self.config.max_upload_bytes
+            context.island.id,
+            request.lease_id,
+            request.size,
+            request.sha256,
+            self.config.max_upload_bytes,
+            expert_quota=self.config.expert_upload_quota(),
         )
         for old in superseded:
             self.store.discard_staged(old)
@@ -217,13 +313,18 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
     @rpc
     def UploadChunks(self, request_iterator: Iterator[pb.UploadChunk], context):
+        with self.uploads.hold(context.island.id):
+            return self._receive(request_iterator, context)
+
+    def _receive(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadState:
         island = context.island
+        quota = self.config.expert_upload_quota()
         upload = None
         for chunk in request_iterator:
             if upload is None or upload.id != chunk.upload_id:
                 upload = self.registry.upload_for(island.id, chunk.upload_id)
             if upload.state != "open":
-                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}")
+                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}; begin a new upload")
             n = len(chunk.data)
             end = chunk.offset + n
             if chunk.offset != upload.committed_offset:
@@ -239,8 +340,17 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 refuse(context, "invalid_argument", f"chunk ends at {end}, past the declared size {upload.size}")
             if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
                 refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
+            self.registry.require_expert_quota(island.id, upload.expert_id, n, quota)  # before a byte is written
             self.store.write_chunk(upload.id, chunk.offset, chunk.data)
-            upload.committed_offset = self.registry.commit_chunk(island.id, upload, chunk.offset, n)
+            fault_point("upload.chunk_written")
+            try:
+                upload.committed_offset = self.registry.commit_chunk(
+                    island.id, upload, chunk.offset, n, expert_quota=quota
+                )
+            except Revoked:  # revoked while the stream was open: its bytes go, as `revoke` said
+                self.store.discard_staged(upload.id)
+                raise
+            fault_point("upload.chunk_committed")
         if upload is None:
             refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
         return self._state(upload)
@@ -278,10 +388,15 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             if reason is not None:
                 self.registry.reject_upload(upload.id, reason)
                 self.store.discard_staged(upload.id)
-                refuse(context, "invalid_argument", f"checkpoint rejected: {reason}; fix it and upload again")
+                # The reason may quote names from the file: escaped to one line and bounded.
+                refuse(
+                    context, "invalid_argument", f"checkpoint rejected: {shown(reason, 400)}; fix it and upload again"
+                )
             if path != self.store.path(upload.sha256):
                 self.store.add_file(path, move=True, digest=upload.sha256)
+            fault_point("complete.stored")
             self.registry.mark_verified(island.id, upload)
+            fault_point("complete.verified")
             entry = {
                 "format": ENTRY_FORMAT,
                 "expert_id": expert.id,
@@ -293,6 +408,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 "signed_at": utc_now(),
             }
             entry_json, signature = self.key.sign(entry)
+            fault_point("complete.signed")
             all_signed = self.registry.register_expert(
                 island.id, upload, upload.size, provenance["steps"], entry_json, signature
             )
@@ -311,15 +427,49 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.registry.reject_upload(upload.id, "its staged bytes are gone")
         raise Refused("failed_precondition", f"upload {upload.id} lost its staged bytes; begin a new upload")
 
+    # -- probe slices (shared mode) ------------------------------------------------------------
+
+    def _held_out_slice(self, cluster: int) -> ImageDataset | None:
+        """The cluster's probe slice as init stored it (checked against its fingerprint)."""
+        if self._probe_summary is None:
+            return None
+        with self._probe_lock:
+            if cluster not in self._held_out:
+                self._held_out[cluster] = load_dataset_file(
+                    self.home.probe_path(cluster), expect_fingerprint=self._probe_summary["fingerprints"][cluster]
+                )
+            return self._held_out[cluster]
+
+    def _training_ids(self, cluster: int) -> np.ndarray:
+        """A cluster's sample ids less its probe slice: what an island trains on."""
+        held = self._held_out_slice(cluster)
+        members = self.clustering.members(cluster)
+        return members if held is None else np.setdiff1d(members, held.ids.numpy())
+
+    def _probe(self, cluster: int) -> Probe | None:
+        held = self._held_out_slice(cluster)
+        if held is None or len(held) == 0:
+            return None
+        with self._probe_lock:
+            if cluster not in self._probes:
+                seed = probe_seed(self.config.clustering["seed"], cluster)
+                self._probes[cluster] = Probe.build(self.config.model, held.images, seed)
+            return self._probes[cluster]
+
     def _validate(self, path, upload, expert) -> tuple[str | None, dict]:
         """(why a received checkpoint is refused or None, the provenance of an accepted one).
 
         The header is parsed without executing anything, the expected model is rebuilt from
-        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked."""
+        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
+        shared mode the expert must then beat an untrained model on its cluster's probe slice."""
         if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
             return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
+        probe = self._probe(expert.cluster_id)
         try:
-            info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            if probe is None:
+                info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            else:
+                model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
         except CheckpointError as exc:
             return str(exc).replace(str(path), "the upload"), {}
         steps = lease_train_config(self.config, expert.id).steps
@@ -335,7 +485,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return "its metrics hold NaN or infinite numbers", {}
         if metrics_size > MAX_METRICS_BYTES:
             return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
-        return None, {
+        provenance = {
             "kind": "expert",
             "config": info.model,
             "steps": info.steps,
@@ -343,6 +493,34 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             "data_fingerprint": info.data_fingerprint,
             "metrics": info.metrics,
         }
+        if probe is not None:
+            verdict = probe.judge(model, self.config.probe_margin)
+            log.info("expert %d: %s", expert.id, verdict.reason)
+            if not verdict.passed:
+                return verdict.reason, {}
+            provenance["probe"] = verdict.to_dict()
+        return None, provenance
+
+    def clean_staging(self) -> bool:
+        """Abandon open uploads with no chunk for ``stale_upload_seconds`` and delete every staged
+        file that no open upload owns. Returns False, having done nothing, while a completion is
+        running (the next round does it)."""
+        if not self._complete_lock.acquire(blocking=False):
+            return False
+        try:
+            abandoned = self.registry.abandon_stale_uploads(self.config.stale_upload_seconds)
+            names = self.store.staged()  # listed before the open uploads are read: a newer file is not in it
+            owned = self.registry.open_upload_ids()
+            unowned = [name for name in names if name not in owned]
+            self.store.discard_unowned(unowned)
+        finally:
+            self._complete_lock.release()
+        if abandoned:
+            stale = self.config.stale_upload_seconds
+            log.info("abandoned %d upload(s) with no chunk for %.0f s", len(abandoned), stale)
+        if unowned:
+            log.info("deleted %d staged file(s) that no open upload owns", len(unowned))
+        return True
 
     # -- the ensemble ---------------------------------------------------------------------------
 
@@ -362,26 +540,17 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         sha = request.sha256
         if not is_sha256(sha) or not self.store.has(sha):
             refuse(context, "not_found", f"no artifact {sha[:64]!r}")
-        if not self.registry.readable_by(context.island, sha):
+        grant = self.registry.readable_by(context.island, sha)
+        if grant is None:
             refuse(context, "permission_denied", "this artifact is neither published nor this island's lease data")
         size = self.store.path(sha).stat().st_size
         if not 0 <= request.offset <= size:
             refuse(context, "out_of_range", f"offset {request.offset} is outside the artifact's {size} bytes")
-        island_id = context.island.id
-        with self._downloads_lock:
-            if self._downloads[island_id] >= MAX_DOWNLOADS_PER_ISLAND:
-                refuse(
-                    context,
-                    "resource_exhausted",
-                    f"at most {MAX_DOWNLOADS_PER_ISLAND} downloads at once per identity; finish one first",
-                )
-            self._downloads[island_id] += 1
-        try:
+        with self.downloads.hold(context.island.id):
             for offset, data, total in self.store.read(sha, request.offset, MAX_CHUNK_BYTES):
+                # Checked again before every chunk: a revocation or a withdrawal ends the stream.
+                self.registry.still_readable(context.island.id, sha, grant)
                 yield pb.DownloadChunk(offset=offset, data=data, size=total)
-        finally:
-            with self._downloads_lock:
-                self._downloads[island_id] -= 1
 
     @rpc
     def Status(self, request, context):

@@ -1,27 +1,39 @@
-"""What `ddm-coordinator status` shows: islands, experts, leases, router and ensemble, key.
+"""What `ddm-coordinator status` and `events` show: islands, experts, leases, router and
+ensemble, key, and the event log.
 
-``build_status`` gives plain JSON (also served by the Status RPC); ``render_status`` draws it
-as rich tables.
+``build_status`` and ``build_events`` give plain JSON (the Status RPC serves the former,
+without events); ``render_status`` and ``render_events`` draw them as rich tables.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import re
 import time
 
 from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
+from sqlalchemy import select
 
 from .home import CoordinatorConfig, Home
-from .registry import Registry
+from .registry import Event, Registry
+from .tls import home_fingerprint
+
+# Events of reconciliation that a person should see: lost artifacts and what followed.
+FLAG_KINDS = ("artifact_missing", "artifact_damaged", "expert_reopened", "ensemble_withdrawn")
 
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_fingerprint: str) -> dict:
+def build_status(
+    home: Home, config: CoordinatorConfig, registry: Registry, key_fingerprint: str, events: int = 0
+) -> dict:
+    """The coordinator's state as plain JSON; with ``events``, the last that many events too."""
     snap = registry.snapshot()
     now = time.time()
     steps = config.train["steps"]
@@ -33,6 +45,8 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
             "enrolled": _iso(i["created_at"]),
             "last_seen": _iso(i["last_seen_at"]),
             "seconds_since_seen": round(now - i["last_seen_at"], 1),
+            "revoked": _iso(i["revoked_at"]),
+            "revoked_reason": i["revoked_reason"] or None,
             "bytes_received": i["bytes_received"],
             "sent": {
                 "checkpoint": {"messages": i["checkpoint_messages"], "bytes": i["checkpoint_message_bytes"]},
@@ -74,7 +88,7 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
     ensemble = {"state": "none"}
     if latest is not None:
         router = {
-            "state": {"training": "training", "published": "trained", "failed": "failed"}[latest["state"]],
+            "state": {"training": "training", "published": "trained"}.get(latest["state"], latest["state"]),
             "step": latest["router_step"],
             "steps": latest["router_steps"],
             "sha256": latest["router_sha256"],
@@ -88,10 +102,11 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
         }
         if latest["manifest_json"]:
             ensemble["manifest_sha256"] = hashlib.sha256(latest["manifest_json"]).hexdigest()
-    return {
+    report = {
         "coordinator": {
             "home": str(home.root),
             "key_fingerprint": key_fingerprint,
+            "tls_fingerprint": home_fingerprint(home),
             "mode": config.mode,
             "dataset": config.dataset,
             "dataset_fingerprint": config.dataset_fingerprint,
@@ -104,7 +119,72 @@ def build_status(home: Home, config: CoordinatorConfig, registry: Registry, key_
         "leases": leases,
         "router": router,
         "ensemble": ensemble,
+        "store": _store(home, registry, snap),
     }
+    if events:
+        report["events"] = build_events(registry, limit=events)
+    return report
+
+
+def build_events(
+    registry: Registry, limit: int | None = None, island_id: str | None = None, kind: str | None = None
+) -> list[dict]:
+    """The last ``limit`` events (all if None) matching the filters, oldest first."""
+    return [
+        {
+            "id": e.id,
+            "at": _iso(e.at),
+            "kind": e.kind,
+            "island_id": e.island_id,
+            "expert_id": e.expert_id,
+            "detail": json.loads(e.detail),
+        }
+        for e in registry.events(limit=limit, island_id=island_id, kind=kind)
+    ]
+
+
+def render_events(events: list[dict], console: Console, title: str = "events") -> None:
+    console.print(_events_table(events, title))
+
+
+def _events_table(events: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("time (UTC)", "kind", "island", "expert", "detail"):
+        table.add_column(col)
+    for e in events:
+        detail = " ".join(f"{k}={_short(v)}" for k, v in e["detail"].items())
+        table.add_row(  # as plain text: names and reasons are not rich markup
+            e["at"].replace("+00:00", ""),
+            Text(e["kind"]),
+            Text(e["island_id"] or ""),
+            "" if e["expert_id"] is None else str(e["expert_id"]),
+            Text(detail),
+        )
+    return table
+
+
+def _short(value) -> str:
+    """sha256 digests cut to 12 characters, the rest as they are."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:12] if re.fullmatch(r"[0-9a-f]{64}", text) else text
+
+
+def _store(home: Home, registry: Registry, snap: dict) -> dict:
+    """Registered artifacts whose file is missing or of the wrong size now, and the flags
+    reconciliation raised (latest first)."""
+    missing = []
+    for a in snap["artifacts"]:
+        try:
+            size = (home.artifacts / a["sha256"]).stat().st_size
+        except OSError:
+            size = None
+        if size != a["size"]:
+            reason = "missing" if size is None else f"{size} bytes, {a['size']} registered"
+            missing.append({"sha256": a["sha256"], "kind": a["kind"], "reason": reason})
+    with registry.Session() as s:
+        events = s.scalars(select(Event).where(Event.kind.in_(FLAG_KINDS)).order_by(Event.id.desc()).limit(20)).all()
+    flagged = [{"at": _iso(e.at), "kind": e.kind, "expert_id": e.expert_id, **json.loads(e.detail)} for e in events]
+    return {"artifacts": len(snap["artifacts"]), "missing": missing, "flagged": flagged}
 
 
 def render_status(status: dict, console: Console) -> None:
@@ -114,12 +194,14 @@ def render_status(status: dict, console: Console) -> None:
         if c["mode"] == "siloed"
         else f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…)"
     )
+    tls = c.get("tls_fingerprint") or "none (create one with `ddm-coordinator tls`)"
     head = (
         f"[bold]coordinator[/bold] {c['home']}  key {c['key_fingerprint']}\n"
+        f"TLS certificate {tls}\n"
         f"{data}; {c['experts']} experts of preset {c['model_preset']}, {c['steps_per_expert']} steps each"
     )
     islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
-    for col in ("island", "name", "role", "last seen", "checkpoint", "heartbeats", "control"):
+    for col in ("island", "name", "role", "access", "last seen", "checkpoint", "heartbeats", "control"):
         islands.add_column(col)
     for i in status["islands"]:
         sent = i["sent"]
@@ -127,6 +209,7 @@ def render_status(status: dict, console: Console) -> None:
             i["id"],
             i["name"],
             i["role"],
+            "[red]revoked[/red]" if i["revoked"] else "active",
             f"{i['seconds_since_seen']:.0f} s ago",
             _bytes(sent["checkpoint"]["bytes"]),
             f"{sent['heartbeats']['messages']} ({_bytes(sent['heartbeats']['bytes'])})",
@@ -159,7 +242,17 @@ def render_status(status: dict, console: Console) -> None:
         tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
     if e.get("reason"):
         tail += f": {e['reason']}"
-    console.print(Group(head, islands, experts, leases, tail))
+    store = status.get("store", {"artifacts": 0, "missing": [], "flagged": []})
+    lines = [f"store: {store['artifacts']} artifacts, {len(store['missing'])} missing or damaged"]
+    lines += [f"[red]missing:[/red] {m['kind']} {m['sha256']} ({m['reason']})" for m in store["missing"]]
+    lines += [
+        f"[yellow]flagged[/yellow] {f['at']} {f['kind']}: {f.get('sha256', '')[:12]} {f.get('reason', '')}"
+        for f in store["flagged"]
+    ]
+    parts = [head, islands, experts, leases, tail, *lines]
+    if status.get("events"):
+        parts.append(_events_table(status["events"], f"last {len(status['events'])} events"))
+    console.print(Group(*parts))
 
 
 def _bytes(n: int) -> str:

@@ -3,17 +3,44 @@
 An artifact lives at ``artifacts/<sha256>`` and is never rewritten. It enters the store by a
 rename of a verified, fsynced file, so a crash leaves it either absent or whole; the database
 row that names it is committed after the rename.
+
+A write that finds the disk full (ENOSPC, EDQUOT, or EFBIG past a file size limit) raises
+``DiskFull`` and leaves nothing behind that a caller could take for written: a staged chunk is
+recorded only after ``write_chunk`` returns, and a file enters the store whole or not at all.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ddm_model.errors import DDMError
 from ddm_model.fsutil import fsync_dir
 from protocol.trust import is_sha256, sha256_file
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFull(DDMError):
+    """The store's disk (or a quota or file size limit) has no room for a write."""
+
+    code = "resource_exhausted"
+
+
+@contextmanager
+def _disk_full_is_an_answer(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        raise DiskFull(
+            f"the coordinator's disk is full ({exc.strerror}); {what}; try again once its operator has freed space"
+        ) from None
 
 
 class Store:
@@ -42,15 +69,22 @@ class Store:
                 source.unlink()
             return digest, size
         tmp = self.artifacts / f".{digest}.tmp"
-        if move:
-            os.replace(source, tmp)
-        else:
-            shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
-        fsync_dir(self.artifacts)
+        with _disk_full_is_an_answer("nothing entered the store"):
+            try:
+                if move:
+                    os.replace(source, tmp)
+                else:
+                    shutil.copyfile(source, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, target)
+            except OSError:
+                if move and tmp.exists():
+                    os.replace(tmp, source)  # the caller keeps its file
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(self.artifacts)
         return digest, size
 
     def read(self, sha256: str, offset: int, chunk: int) -> Iterator[tuple[int, bytes, int]]:
@@ -77,23 +111,38 @@ class Store:
         """Write bytes at their offset and make them durable before anyone records them."""
         path = self.staging_path(upload_id)
         created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.pwrite(fd, data, offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.staging)  # the new file's name is durable too
+        with _disk_full_is_an_answer("this chunk was not committed, the ones before it are kept"):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                view = memoryview(data)
+                while view:  # a write may stop short (a disk filling up); the rest follows or fails
+                    written = os.pwrite(fd, view, offset)
+                    if written == 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    view, offset = view[written:], offset + written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                fsync_dir(self.staging)  # the new file's name is durable too
 
     def seal_staged(self, upload_id: str, size: int) -> Path:
         """Cut the staged file to its declared size (bytes past the committed offset from a
         crash are dropped) and return its path."""
         path = self.staging_path(upload_id)
-        with open(path, "rb+") as f:
+        with _disk_full_is_an_answer("the upload keeps its committed bytes"), open(path, "rb+") as f:
             f.truncate(size)
             os.fsync(f.fileno())
         return path
 
     def discard_staged(self, upload_id: str) -> None:
         self.staging_path(upload_id).unlink(missing_ok=True)
+
+    def staged(self) -> list[str]:
+        """The names of the files in staging."""
+        return [entry.name for entry in os.scandir(self.staging) if entry.is_file(follow_symlinks=False)]
+
+    def discard_unowned(self, names: list[str]) -> None:
+        """Delete staged files by name (``staged`` listed them; any name, not only upload ids)."""
+        for name in names:
+            (self.staging / name).unlink(missing_ok=True)

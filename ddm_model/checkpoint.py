@@ -6,7 +6,8 @@ neither can pass for the other), its config (preset and sizes), and provenance: 
 training steps and FLOPs, the data fingerprint and free-form metrics. ``load_checkpoint`` rebuilds the model
 from that config and refuses, with one clear line, anything that is not exactly what the
 config implies: a file that is not safetensors (a pickle renamed .safetensors included),
-missing or extra tensors, wrong shapes or dtypes, non-finite values, an unknown preset.
+missing or extra tensors, wrong shapes or dtypes, non-finite values, an unknown preset,
+header metadata other than the description.
 Nothing here unpickles; safetensors parses a JSON header and raw little-endian buffers.
 """
 
@@ -169,7 +170,14 @@ def read_checkpoint_header(path: str | Path) -> tuple[CheckpointInfo, dict[str, 
                 table[name] = (str(tensor_slice.get_dtype()), tuple(tensor_slice.get_shape()))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file: {exc}") from None
-    return CheckpointInfo.from_json(metadata.get("ddm"), str(path)), table
+    info = CheckpointInfo.from_json(metadata.get("ddm"), str(path))
+    extra = sorted(set(metadata) - {"ddm"})
+    if extra:  # nothing rides along, unchecked, into a signed and republished file
+        names = [name[:40] for name in extra[:3]]
+        raise CheckpointError(
+            f"{path}: unexpected header metadata {names}; a ddm checkpoint holds only its description"
+        )
+    return info, table
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

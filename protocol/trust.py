@@ -2,7 +2,8 @@
 
 The coordinator signs canonical JSON (sorted keys, no spaces, UTF-8); anyone holding the
 coordinator's public key verifies it. Fingerprints are ``sha256:<hex>`` of the raw 32-byte
-public key, short enough to pin on a command line.
+public key (of a TLS certificate's DER encoding, for the channel), short enough to pin on a
+command line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def canonical_json(obj: object) -> bytes:
 
 def key_fingerprint(public_key: bytes) -> str:
     return "sha256:" + hashlib.sha256(public_key).hexdigest()
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """The fingerprint of a TLS certificate: SHA-256 over its DER encoding."""
+    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def verify_signature(public_key: bytes, data: bytes, signature: bytes, what: str) -> None:

@@ -72,6 +72,20 @@ def test_leases_go_to_distinct_islands_and_come_back_to_their_holder(registry):
     assert states == {0: "leased", 1: "leased", 2: "open"}
 
 
+def test_traffic_and_last_seen_are_written_for_many_islands_at_once(registry):
+    a, _ = enroll(registry, "a")
+    b, _ = enroll(registry, "b")
+    registry.add_traffic({(a.id, "heartbeat"): (3, 90), (a.id, "control"): (1, 10), (b.id, "checkpoint"): (2, 5000)})
+    registry.add_traffic({(a.id, "heartbeat"): (1, 30)})
+    registry.touch({a.id: 1000.0, b.id: 2000.0})
+    rows = {i["name"]: i for i in registry.snapshot()["islands"]}
+    assert (rows["a"]["heartbeats"], rows["a"]["heartbeat_bytes"]) == (4, 120)
+    assert (rows["a"]["control_messages"], rows["a"]["control_bytes"]) == (1, 10)
+    assert (rows["a"]["checkpoint_messages"], rows["b"]["checkpoint_messages"]) == (0, 2)
+    assert (rows["b"]["checkpoint_message_bytes"], rows["b"]["heartbeats"]) == (5000, 0)
+    assert (rows["a"]["last_seen_at"], rows["b"]["last_seen_at"]) == (1000.0, 2000.0)
+
+
 def test_heartbeats_extend_and_silence_expires(registry):
     registry.lease_seconds = 0.2
     a, _ = enroll(registry)
@@ -139,7 +153,7 @@ def test_a_lease_holds_one_open_upload(registry):
     second, superseded = registry.begin_upload(a.id, grant.lease_id, 900, "ef" * 32, quota=1000)
     assert superseded == [first.id] and second.id != first.id
     assert registry.upload_for(a.id, first.id).state == "superseded"
-    with pytest.raises(RegistryError, match="does not follow"):
+    with pytest.raises(RegistryError, match="is superseded; begin a new upload"):
         registry.commit_chunk(a.id, first, 0, 100)  # a superseded upload takes no more bytes
 
 

@@ -22,6 +22,7 @@ from client.state import IslandState
 from client.transfer import upload_checkpoint
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
+from coordinator.registry import TRAFFIC_COLUMNS
 from coordinator.server import CoordinatorServer
 from ddm_model.checkpoint import read_checkpoint_header, save_checkpoint
 from ddm_model.dit import DiT, DiTConfig
@@ -30,7 +31,7 @@ from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 from protocol.trust import canonical_json, sha256_file, verify_signature
 
-STEPS = 3
+STEPS = 30  # enough for a tiny expert to beat an untrained one on its probe slice
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,15 @@ def train(conn, lease, tmp_path, steps=None):
 
 
 def state(server, skip_uploads=False):
+    """The registry and the store, less what every call changes: when the island was last seen
+    and its traffic counters, which count the refused request itself (written by a background
+    flush, so they may land at any moment)."""
     snap = copy.deepcopy(server.registry.snapshot())
     for island in snap["islands"]:
         island.pop("last_seen_at")
+        for columns in TRAFFIC_COLUMNS.values():
+            for column in columns:
+                island.pop(column)
     if skip_uploads:
         snap.pop("uploads")
     return snap, sorted(os.listdir(server.store.artifacts))
@@ -112,6 +119,9 @@ def test_upload_is_validated_signed_and_registered(server, tmp_path):
         enrolled.island_id,
     )
     assert entry["steps"] == STEPS and entry["flops"] > 0 and entry["config"]["preset"] == "tiny"
+    probe = entry["probe"]  # scored on its cluster's held-out probe slice before it was signed
+    assert probe["margin"] == 0.05 and probe["images"] == server.config.clustering["probe"]["sizes"][lease.cluster_id]
+    assert probe["loss"] <= 0.95 * probe["untrained_loss"]
     assert server.store.has(entry["sha256"])
     expert = server.registry.expert(lease.expert_id)
     assert expert.state == "signed" and expert.checkpoint_sha256 == entry["sha256"] and expert.step == STEPS

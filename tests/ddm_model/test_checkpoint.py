@@ -356,6 +356,13 @@ def test_missing_or_unreadable_ddm_metadata(tmp_path, expert_file, metadata, nee
     expect_refused(path, needle)
 
 
+def test_metadata_beside_the_description_is_refused(tmp_path, expert_file):
+    """Nothing may ride along, unchecked, in a file that gets signed and republished."""
+    description = read_checkpoint_header(expert_file)[0].to_json()
+    metadata = {"ddm": description, "torch_pickle": "\x80\x04K\x01."}
+    expect_refused(rewrite(expert_file, tmp_path / "t.safetensors", metadata=metadata), "torch_pickle")
+
+
 def test_expect_kind_mismatch(tmp_path, router, expert_file):
     router_file = tmp_path / "router.safetensors"
     save_checkpoint(router_file, router)

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+TLS_LINE = "TLS certificate fingerprint: "  # the line of `ddm-coordinator init` that gives it
 
 
 def cli(name: str) -> list[str]:
@@ -112,12 +112,17 @@ def spawn(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
 
-    def spawn(name, *args, label: str | None = None) -> Child:
+    def spawn(name, *args, label: str | None = None, env: dict | None = None) -> Child:
+        """``env``: variables to add to the child's environment."""
         label = label or f"{name}-{len(children)}"
         out, err = logs / f"{label}.out", logs / f"{label}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             popen = subprocess.Popen(
-                [*cli(name), *map(str, args)], stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, env=child_env()
+                [*cli(name), *map(str, args)],
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                env={**child_env(), **(env or {})},
             )
         child = Child(popen, out, err)
         children.append(child)
@@ -131,9 +136,10 @@ def spawn(tmp_path):
 class Coordinator:
     """A coordinator home made by the real `ddm-coordinator init`, served by `ddm-coordinator serve`."""
 
-    def __init__(self, home: Path, fingerprint: str, run, spawn):
+    def __init__(self, home: Path, fingerprint: str, tls_fingerprint: str, run, spawn):
         self.home = home
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # the signing key's
+        self.tls_fingerprint = tls_fingerprint  # the TLS certificate's, which clients pin
         self._run = run
         self._spawn = spawn
         self.proc: Child | None = None
@@ -147,35 +153,52 @@ class Coordinator:
     @property
     def connect_args(self) -> list:
         """What a `ddm-client` command needs to reach this coordinator."""
-        return ["--coordinator", self.address]
+        return ["--coordinator", self.address, "--tls-fingerprint", self.tls_fingerprint]
+
+    @property
+    def tls(self):
+        """The client library's TLS settings for this coordinator: its certificate, pinned."""
+        from client.tls import TlsSettings
+
+        return TlsSettings(fingerprint=self.tls_fingerprint)
 
     def connection(self, credential: str | None = None, **kwargs):
         """A client library connection to this coordinator."""
         from client.connection import Connection
 
-        return Connection(self.address, credential, **kwargs)
+        return Connection(self.address, credential, tls=self.tls, **kwargs)
 
-    def start(self, timeout: float = 30.0) -> str:
+    def start(self, timeout: float = 30.0, env: dict | None = None, same_port: bool = False) -> str:
+        """Serve the home; ``env`` adds to serve's environment (DDM_FAULT arms a fault point),
+        ``same_port`` listens where the last run did, so running islands find it again."""
         assert self.proc is None or self.proc.poll() is not None, "already serving"
-        self.port = free_port()
+        self.port = self.port if same_port and self.port else free_port()
         self.starts += 1
         self.proc = self._spawn(
-            "ddm-coordinator", "serve", "--home", self.home, "--listen", self.address, label=f"serve-{self.starts}"
+            "ddm-coordinator",
+            "serve",
+            "--home",
+            self.home,
+            "--listen",
+            self.address,
+            label=f"serve-{self.starts}",
+            env=env,
         )
-        channel = grpc.insecure_channel(self.address)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"serve exited with {self.proc.poll()}: {self.proc.stderr()[-2000:]}")
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
-                    break
-                except grpc.FutureTimeoutError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"serve not ready in {timeout} s: {self.proc.stderr()[-2000:]}") from None
-        finally:
-            channel.close()
+        from client.tls import handshake
+        from protocol.trust import certificate_fingerprint
+
+        deadline = time.monotonic() + timeout
+        while True:  # ready once it completes a TLS handshake
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.poll()}: {self.proc.stderr()[-2000:]}")
+            try:
+                peer = handshake(self.address, timeout=0.5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"serve not ready in {timeout} s: {self.proc.stderr()[-2000:]}") from None
+                time.sleep(0.05)
+        assert certificate_fingerprint(peer.der) == self.tls_fingerprint
         return self.address
 
     def kill(self) -> None:
@@ -216,9 +239,12 @@ def coordinator(tmp_path, run, spawn):
         home = tmp_path / "home"
         result = run("ddm-coordinator", "init", "--home", home, *init_args)
         assert result.returncode == 0, result.stderr[-2000:]
-        fingerprint = result.stdout.strip().splitlines()[-1]
+        lines = result.stdout.strip().splitlines()
+        fingerprint = lines[-1]
         assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64, result.stdout
-        coord = Coordinator(home, fingerprint, run, spawn)
+        tls_fingerprint = next(line.split(": ", 1)[1] for line in lines if line.startswith(TLS_LINE))
+        assert tls_fingerprint.startswith("sha256:") and len(tls_fingerprint) == 7 + 64, result.stdout
+        coord = Coordinator(home, fingerprint, tls_fingerprint, run, spawn)
         if serve:
             coord.start()
         return coord
