@@ -9,7 +9,7 @@ from PIL import Image
 from ddm_model.checkpoint import load_checkpoint
 from protocol.trust import sha256_file
 
-QUICK = ["--preset", "tiny", "--steps", "60", "--router-steps", "60", "--samples", "200", "--sampling-steps", "8"]
+QUICK = ["--preset", "tiny", "--steps", "30", "--router-steps", "30", "--samples", "200", "--sampling-steps", "8"]
 
 
 def frechet(stdout: str) -> float:
@@ -38,7 +38,7 @@ def test_demo_runs_the_whole_system_and_resumes(run, tmp_path):
     for item in manifest["experts"]:
         path = out / "ensemble" / f"expert-{item['entry']['cluster_id']}.safetensors"
         _, info = load_checkpoint(path, expect_kind="expert")
-        assert info.steps == 60 and sha256_file(path) == item["entry"]["sha256"]
+        assert info.steps == 30 and sha256_file(path) == item["entry"]["sha256"]
     for k in range(4):
         assert "signed by the coordinator" in (out / "logs" / f"island-{k}.log").read_text()
 
