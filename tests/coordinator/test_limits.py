@@ -12,46 +12,15 @@ import time
 
 import grpc
 import pytest
-import torch
 
 from client.connection import ClientError, Connection
 from coordinator.auth import RateLimiter
-from coordinator.bootstrap import InitOptions, init_home
-from coordinator.home import Home
-from coordinator.server import CoordinatorServer
 from coordinator.service import Slots
 from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 from tests.coordinator.test_service import begin, enroll, lease_for, refused, state, train
 
-STEPS = 30  # a tiny expert learns enough in 30 steps to be accepted
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training a tiny expert is fastest on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("template") / "home"
-    init_home(InitOptions(home=root, experts=3, preset="tiny", steps=STEPS, router_preset="tiny", router_steps=5))
-    return root
-
-
-@pytest.fixture
-def server(template, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
-    srv.start()
-    srv.address = f"127.0.0.1:{srv.port}"
-    yield srv
-    srv.stop(grace=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chunk(upload_id: str, offset: int, data: bytes) -> pb.UploadChunk:

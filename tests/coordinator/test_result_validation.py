@@ -17,11 +17,8 @@ from ddm_model.dit import DiTConfig
 from ddm_model.probe import untrained_model
 from protocol import ddm_pb2 as pb
 
-from . import test_service
-from .test_service import STEPS, complete_rejected, enroll, lease_for
-
-# The same loopback server over a copy of the same tiny shared-mode home.
-template, server = test_service.template, test_service.server
+from .conftest import STEPS
+from .test_service import complete_rejected, enroll, lease_for
 
 
 def test_probe_ids_reach_no_shard_and_no_index_list(server, tmp_path):

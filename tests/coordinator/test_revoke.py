@@ -8,7 +8,6 @@ revoke` runs as a real subprocess against it, writing the same SQLite registry.
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from client.connection import ClientError, Connection
 from client.transfer import upload_checkpoint
-from coordinator.bootstrap import InitOptions, init_home
-from coordinator.home import Home
 from coordinator.registry import Registry, RegistryError, Revoked
-from coordinator.server import CoordinatorServer
 from coordinator.status import build_status
 from protocol import ddm_pb2 as pb
 from protocol.limits import MAX_CHUNK_BYTES, MiB
@@ -31,35 +26,9 @@ from protocol.trust import verify_signature
 
 from .test_service import enroll, lease_for, refused, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 30  # enough for a tiny expert to learn: its checkpoint must be accepted
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and this machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("template") / "home"
-    init_home(InitOptions(home=root, experts=3, preset="tiny", steps=STEPS, router_preset="tiny", router_steps=5))
-    return root
-
-
-@pytest.fixture
-def server(template, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
-    srv.start()
-    srv.address = f"127.0.0.1:{srv.port}"
-    yield srv
-    srv.stop(grace=0)
 
 
 def revoke_cli(server, *args) -> subprocess.CompletedProcess:

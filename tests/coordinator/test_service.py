@@ -20,10 +20,7 @@ from client.connection import ClientError, Connection
 from client.island import fetch_data
 from client.state import IslandState
 from client.transfer import upload_checkpoint
-from coordinator.bootstrap import InitOptions, init_home
-from coordinator.home import Home
 from coordinator.registry import TRAFFIC_COLUMNS
-from coordinator.server import CoordinatorServer
 from ddm_model.checkpoint import read_checkpoint_header, save_checkpoint
 from ddm_model.dit import DiT, DiTConfig
 from ddm_model.train import TrainConfig, train_expert
@@ -31,25 +28,7 @@ from protocol import ddm_pb2 as pb
 from protocol.limits import MiB
 from protocol.trust import canonical_json, sha256_file, verify_signature
 
-STEPS = 30  # enough for a tiny expert to beat an untrained one on its probe slice
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("template") / "home"
-    init_home(InitOptions(home=root, experts=3, preset="tiny", steps=STEPS, router_preset="tiny", router_steps=5))
-    return root
-
-
-@pytest.fixture
-def server(template, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
-    srv.start()
-    srv.address = f"127.0.0.1:{srv.port}"
-    yield srv
-    srv.stop(grace=0)
+from .conftest import STEPS
 
 
 def enroll(server, role="island"):
