@@ -160,6 +160,22 @@ def take_lease(conn: Connection) -> pb.Lease:
     return reply.lease
 
 
+def upload_next(conn: Connection, template: Template) -> pb.Lease:
+    """Take the next lease and upload the template's checkpoint of its expert."""
+    lease = take_lease(conn)
+    upload_checkpoint(conn, lease.lease_id, template.checkpoints[lease.expert_id])
+    return lease
+
+
+def finish_the_other_expert(coord: Coordinator, template: Template, tmp_path: Path) -> None:
+    """A library island uploads the expert still open; the run then publishes, every artifact intact."""
+    _, conn = library_island(coord, tmp_path)
+    upload_next(conn, template)
+    conn.close()
+    published(coord)
+    assert_intact(coord)
+
+
 def seeded_state(template: Template, state: Path) -> Path:
     """An island state folder whose outbox already holds a finished checkpoint for either expert,
     so that `join` goes straight from its data to the upload."""
@@ -226,8 +242,7 @@ def test_coordinator_killed_between_chunks(point, committed, staged, template, c
     [row] = coord.db("SELECT * FROM uploads")
     assert row["state"] == "complete" and row["chunks"] == 2 and row["bytes_received"] == size, row
 
-    other = take_lease(conn)
-    upload_checkpoint(conn, other.lease_id, template.checkpoints[other.expert_id])
+    upload_next(conn, template)  # the other expert
     conn.close()
     published(coord)
     assert_intact(coord)
@@ -267,12 +282,7 @@ def test_coordinator_killed_while_completing_an_upload(point, expert_state, temp
     [expert] = coord.db("SELECT state, checkpoint_sha256 FROM experts WHERE id = ?", upload["expert_id"])
     assert expert == {"state": "signed", "checkpoint_sha256": upload["sha256"]}
 
-    _, conn = library_island(coord, tmp_path)  # the other expert
-    lease = take_lease(conn)
-    upload_checkpoint(conn, lease.lease_id, template.checkpoints[lease.expert_id])
-    conn.close()
-    published(coord)
-    assert_intact(coord)
+    finish_the_other_expert(coord, template, tmp_path)
 
 
 # -- the coordinator killed during router training ---------------------------------------------------
@@ -284,8 +294,7 @@ def test_coordinator_killed_during_router_training(point, template, coord, run, 
     serve(coord, point)
     _, conn = library_island(coord, tmp_path)
     for _ in range(2):
-        lease = take_lease(conn)
-        upload_checkpoint(conn, lease.lease_id, template.checkpoints[lease.expert_id])
+        upload_next(conn, template)
     conn.close()
     killed_at(coord, point)
 
@@ -360,12 +369,7 @@ def test_island_killed_while_downloading_and_while_uploading(template, coord, sp
     assert shard.name == f"{expert['shard_sha256']}.safetensors" and sha256_of(shard) == expert["shard_sha256"]
     assert sha256_of(state / "signed" / f"expert-{expert['id']}.safetensors") == expert["checkpoint_sha256"]
 
-    _, conn = library_island(coord, tmp_path)  # the other expert
-    lease = take_lease(conn)
-    upload_checkpoint(conn, lease.lease_id, template.checkpoints[lease.expert_id])
-    conn.close()
-    published(coord)
-    assert_intact(coord)
+    finish_the_other_expert(coord, template, tmp_path)
 
 
 # -- connections cut mid-stream -----------------------------------------------------------------------
