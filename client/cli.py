@@ -70,11 +70,17 @@ def join(
     once: bool = typer.Option(False, "--once", help="Exit after one expert instead of asking for more work."),
     name: str = typer.Option("", help="A name for this island in the coordinator's status."),
     dataset: str = typer.Option(
-        None, help="A local copy of the dataset ('digits', .npz or folder): receive index lists."
+        None,
+        help="A local copy of the dataset ('digits', 'fashion-mnist[-test][:FOLDER]', .npz or folder):"
+        " receive index lists.",
     ),
     fingerprint: str = typer.Option(None, help="Pin the coordinator's signing key (sha256:...) when enrolling."),
     threads: int = typer.Option(None, min=1, help="CPU threads for training."),
-    data: str = typer.Option(None, help="Siloed mode: this island's own data (image folder or .npz); it never leaves."),
+    data: str = typer.Option(
+        None,
+        help="Siloed mode: this island's own data (image folder, .npz or 'fashion-mnist[-test][:FOLDER]');"
+        " it never leaves.",
+    ),
     tls_fingerprint: str = typer.Option(None, help=TLS_FINGERPRINT_HELP),
     tls_ca: Path = typer.Option(None, help=TLS_CA_HELP),
     tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),

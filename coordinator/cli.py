@@ -44,7 +44,11 @@ def _home(home: Path | None):
 @app.command()
 def init(
     home: Path = typer.Option(None, help=HOME_HELP),
-    dataset: str = typer.Option("digits", help="'digits', an .npz file or an image folder."),
+    dataset: str = typer.Option(
+        "digits",
+        help="'digits', 'fashion-mnist' or 'fashion-mnist-test' (':FOLDER' for another copy of its idx files),"
+        " an .npz file or an image folder.",
+    ),
     experts: int = typer.Option(4, min=2, help="K: clusters, and so experts."),
     preset: str = typer.Option("small", help="Expert model preset (tiny, small, S/2, B/2, XL/2, ...)."),
     steps: int = typer.Option(1200, min=1, help="Training steps per expert."),

@@ -5,14 +5,19 @@ change for a given source, and optional int64 class labels. ``fingerprint`` is a
 the shape, the ids, the pixels and the labels, so two machines can prove they hold the same
 copy before one trains on an index list the other sent.
 
-Sources: ``digits`` (scikit-learn's handwritten digits, shipped inside the package), a folder
-of images (one sub-folder per class optional) and an ``.npz`` file with an ``images`` array
-(and optional ``labels`` and ``ids``).
+Sources: ``digits`` (scikit-learn's handwritten digits, shipped inside the package),
+``fashion-mnist`` and ``fashion-mnist-test`` (Zalando's idx files, as Debian's
+``dataset-fashion-mnist`` package installs them; ``fashion-mnist:FOLDER`` reads another copy), a
+folder of images (one sub-folder per class optional) and an ``.npz`` file with an ``images``
+array (and optional ``labels`` and ``ids``).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +137,105 @@ def load_digits(labels: bool = True, image_size: int | None = None) -> ImageData
         num_classes=10 if labels else 0,
         name="digits",
     )
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_ENV = "DDM_FASHION_MNIST"
+FASHION_MNIST_SOURCES = {"fashion-mnist": "train", "fashion-mnist-test": "test"}
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_FIRST_ID = {"train": 0, "test": 60_000}  # test ids follow the 60,000 train ids
+
+
+def load_fashion_mnist(
+    root: str | Path | None = None, split: str = "train", image_size: int | None = None, labels: bool = True
+) -> ImageDataset:
+    """Zalando's Fashion-MNIST: 28x28 grey pictures of ten kinds of clothing
+    (``FASHION_MNIST_CLASSES``), 60,000 train images (ids 0..59,999) and 10,000 test images
+    (ids 60,000..69,999).
+
+    The idx files, gzipped or not, are read from ``root``, else the folder in
+    $DDM_FASHION_MNIST, else /usr/share/datasets/fashion-mnist (``apt-get install
+    dataset-fashion-mnist``).
+    """
+    if split not in _FASHION_MNIST_FILES:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}: use 'train' or 'test'")
+    folder = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+    image_stem, label_stem = _FASHION_MNIST_FILES[split]
+    image_path, label_path = _find_fashion_mnist_file(folder, image_stem), _find_fashion_mnist_file(folder, label_stem)
+    raw = _read_idx(image_path, ndim=3)
+    raw_labels = _read_idx(label_path, ndim=1)
+    n = raw.shape[0]
+    if raw.shape[1:] != (28, 28):
+        raise DataError(f"{image_path} holds {raw.shape[1]}x{raw.shape[2]} images; Fashion-MNIST's are 28x28")
+    if raw_labels.shape[0] != n:
+        raise DataError(f"{image_path} holds {n} images but {label_path} holds {raw_labels.shape[0]} labels")
+    if n and int(raw_labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{label_path} holds label {int(raw_labels.max())}; Fashion-MNIST's labels are 0..9")
+    first = _FASHION_MNIST_FIRST_ID[split]
+    return ImageDataset(
+        images=resize(to_unit_range(raw[:, None], 255.0), image_size),
+        ids=torch.arange(first, first + n, dtype=torch.int64),
+        labels=torch.from_numpy(raw_labels.astype(np.int64)) if labels else None,
+        num_classes=len(FASHION_MNIST_CLASSES) if labels else 0,
+        name="fashion-mnist" if split == "train" else "fashion-mnist-test",
+    )
+
+
+def _find_fashion_mnist_file(folder: Path, stem: str) -> Path:
+    for path in (folder / stem, folder / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    files = ", ".join(f"{name}[.gz]" for pair in _FASHION_MNIST_FILES.values() for name in pair)
+    raise DataError(
+        f"Fashion-MNIST not found in {folder} (no {stem}[.gz]): install it with"
+        f" 'apt-get install dataset-fashion-mnist' or point {FASHION_MNIST_ENV} (or fashion-mnist:FOLDER)"
+        f" at a folder holding {files}"
+    )
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes: a big-endian header (magic number 0x0800 + ndim, then one
+    uint32 per dimension) and the bytes. ``.gz`` files are decompressed first."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read {path} ({exc}): the file is corrupt or truncated; fetch a fresh copy") from None
+    magic = 0x0800 + ndim  # 2051 for images, 2049 for labels
+    header = 4 * (1 + ndim)
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        raise DataError(
+            f"{path} is not an idx file of {ndim}-dimensional bytes (magic number {found}, expected {magic});"
+            " fetch a fresh copy"
+        )
+    if len(data) < header:
+        raise DataError(f"{path} is truncated inside its header; fetch a fresh copy")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    size = int(np.prod(dims))
+    if len(data) - header != size:
+        shape = "x".join(map(str, dims))
+        raise DataError(
+            f"{path} holds {len(data) - header} bytes after its header, but its {shape} header needs {size}:"
+            " the file is truncated or corrupt; fetch a fresh copy"
+        )
+    return np.frombuffer(data, np.uint8, size, header).reshape(dims)
 
 
 def load_image_folder(
@@ -261,15 +365,26 @@ def _npz_images(raw: np.ndarray, path: Path) -> torch.Tensor:
 
 
 def load_dataset(source: str, image_size: int | None = None, labels: bool = True) -> ImageDataset:
-    """``digits``, a path to an ``.npz`` file, or a path to an image folder."""
+    """``digits``, ``fashion-mnist`` or ``fashion-mnist-test`` (each optionally ``:FOLDER``, a
+    folder holding the four idx files), a path to an ``.npz`` file, or a path to an image folder.
+
+    The source string alone names the data, so a coordinator can store it and load it again."""
     if source == "digits":
         return load_digits(labels=labels, image_size=image_size)
+    name, colon, folder = source.partition(":")
+    if name in FASHION_MNIST_SOURCES:
+        if colon and not folder:
+            raise DataError(f"{source!r} names no folder: use {name} or {name}:FOLDER")
+        return load_fashion_mnist(folder or None, FASHION_MNIST_SOURCES[name], image_size, labels)
     path = Path(source)
     if path.suffix.lower() == ".npz":
         return load_npz(path, image_size=image_size, labels=labels)
     if path.is_dir():
         return load_image_folder(path, image_size=image_size, labels=labels)
-    raise DataError(f"unknown dataset {source!r}: use 'digits', an .npz file or an image folder")
+    raise DataError(
+        f"unknown dataset {source!r}: use 'digits', 'fashion-mnist', 'fashion-mnist-test'"
+        " (either one as NAME:FOLDER for another copy), an .npz file or an image folder"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Datasets: digits, image folders and .npz archives, stable ids, fingerprints, subsets.
+"""Datasets: digits, Fashion-MNIST, image folders and .npz archives, stable ids, fingerprints, subsets.
 
 Every error a user can cause must be a ``DataError`` whose message is one line.
 """
 
 from __future__ import annotations
 
+import gzip
 import pickle
 import shutil
 
@@ -13,7 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm_model.data import DataError, ImageDataset, load_dataset, load_digits, load_image_folder, load_npz
+from ddm_model.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ENV,
+    DataError,
+    ImageDataset,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_image_folder,
+    load_npz,
+)
 from ddm_model.errors import DDMError
 from tests.helpers import one_line_error
 
@@ -461,6 +472,147 @@ def test_npz_that_is_a_single_npy_array_raises_data_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fashion-MNIST: idx files written here, and the copy Debian's dataset-fashion-mnist installs
+
+
+def write_idx(path, array: np.ndarray, magic: int | None = None) -> None:
+    """Zalando's idx format: big-endian magic (0x0800 + ndim) and dimensions, then the bytes."""
+    magic = 0x0800 + array.ndim if magic is None else magic
+    data = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data += np.asarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def fashion_folder(folder, gz: bool = True, n_train: int = 3, n_test: int = 2) -> dict[str, np.ndarray]:
+    """The four Fashion-MNIST files with random pixels and labels; returns what was written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        write_idx(folder / (f"{name}.gz" if gz else name), array)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+def test_fashion_mnist_idx_files_parse_to_images_labels_and_ids(tmp_path, gz):
+    written = fashion_folder(tmp_path, gz=gz)
+    train = load_fashion_mnist(tmp_path)
+    pixels = written["train-images-idx3-ubyte"]
+    assert train.images.shape == (3, 1, 28, 28) and train.images.dtype == torch.float32
+    assert torch.equal(train.images, torch.from_numpy(pixels.astype(np.float32))[:, None] / 255.0 * 2.0 - 1.0)
+    assert float(train.images[0, 0, 0, 0]) == unit(int(pixels[0, 0, 0]), 255.0)
+    assert train.labels.tolist() == written["train-labels-idx1-ubyte"].tolist()
+    assert train.ids.tolist() == [0, 1, 2]
+    assert (train.num_classes, train.name) == (10, "fashion-mnist")
+
+    test = load_fashion_mnist(tmp_path, split="test")
+    assert test.images.shape == (2, 1, 28, 28)
+    assert test.labels.tolist() == written["t10k-labels-idx1-ubyte"].tolist()
+    assert test.ids.tolist() == [60_000, 60_001]
+    assert test.name == "fashion-mnist-test"
+
+    unlabelled = load_fashion_mnist(tmp_path, labels=False, image_size=14)
+    assert unlabelled.labels is None and unlabelled.num_classes == 0
+    assert unlabelled.images.shape == (3, 1, 14, 14)
+
+
+def test_fashion_mnist_class_names():
+    assert len(FASHION_MNIST_CLASSES) == 10
+    assert FASHION_MNIST_CLASSES[0] == "T-shirt/top" and FASHION_MNIST_CLASSES[9] == "Ankle boot"
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+def test_truncated_idx_file_is_a_one_line_error_naming_it(tmp_path, gz):
+    fashion_folder(tmp_path, gz=gz)
+    path = tmp_path / ("train-images-idx3-ubyte.gz" if gz else "train-images-idx3-ubyte")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(tmp_path)
+    message = one_line_error(err)
+    assert str(path) in message and "truncated" in message
+
+
+def test_wrong_magic_number_is_a_one_line_error_naming_the_file(tmp_path):
+    fashion_folder(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.zeros(3, np.uint8), magic=2051)
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(tmp_path)
+    message = one_line_error(err)
+    assert str(labels) in message and "2051" in message and "2049" in message
+
+
+def test_images_and_labels_must_agree(tmp_path):
+    fashion_folder(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(2, np.uint8))
+    with pytest.raises(DataError, match="3 images but") as err:
+        load_fashion_mnist(tmp_path)
+    one_line_error(err)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 10, 1], np.uint8))
+    with pytest.raises(DataError, match="label 10") as err:
+        load_fashion_mnist(tmp_path)
+    one_line_error(err)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="28x28") as err:
+        load_fashion_mnist(tmp_path)
+    one_line_error(err)
+
+
+def test_absent_fashion_mnist_says_how_to_install_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(missing)
+    message = one_line_error(err)
+    assert str(missing) in message and "apt-get install dataset-fashion-mnist" in message
+    assert FASHION_MNIST_ENV in message and "fashion-mnist:FOLDER" in message
+    with pytest.raises(DataError, match="'train' or 'test'") as err:
+        load_fashion_mnist(tmp_path, split="validation")
+    one_line_error(err)
+
+
+def test_environment_and_source_folder_point_elsewhere(tmp_path, monkeypatch):
+    fashion_folder(tmp_path / "env", n_train=4)
+    fashion_folder(tmp_path / "arg", gz=False, n_train=5, n_test=6)
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "env"))
+    assert len(load_dataset("fashion-mnist")) == 4
+    # the folder in the source string wins over the environment; the string alone names the data
+    source = f"fashion-mnist:{tmp_path / 'arg'}"
+    first = load_dataset(source)
+    assert len(first) == 5 and first.name == "fashion-mnist"
+    assert load_dataset(source).fingerprint() == first.fingerprint()
+    test = load_dataset(f"fashion-mnist-test:{tmp_path / 'arg'}", labels=False)
+    assert len(test) == 6 and test.labels is None and test.ids[0] == 60_000
+
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path / "empty"))
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist-test")
+    assert str(tmp_path / "empty") in one_line_error(err)
+    with pytest.raises(DataError, match="names no folder") as err:
+        load_dataset("fashion-mnist:")
+    one_line_error(err)
+
+
+def test_installed_fashion_mnist_package(monkeypatch):
+    """The copy Debian's dataset-fashion-mnist installs (CI installs it; no skip)."""
+    monkeypatch.delenv(FASHION_MNIST_ENV, raising=False)
+    train = load_dataset("fashion-mnist")
+    assert train.images.shape == (60_000, 1, 28, 28) and train.num_classes == 10
+    assert torch.equal(train.ids, torch.arange(60_000))
+    assert torch.bincount(train.labels).tolist() == [6_000] * 10
+    assert FASHION_MNIST_CLASSES[int(train.labels[0])] == "Ankle boot"  # Zalando's first training image
+    assert float(train.images.min()) == -1.0 and float(train.images.max()) == 1.0
+    test = load_dataset("fashion-mnist-test")
+    assert test.images.shape == (10_000, 1, 28, 28) and test.num_classes == 10
+    assert torch.equal(test.ids, torch.arange(60_000, 70_000))
+    assert torch.bincount(test.labels).tolist() == [1_000] * 10
+
+
+# ---------------------------------------------------------------------------------------------
 # load_dataset dispatch
 
 
@@ -485,11 +637,14 @@ def test_load_dataset_dispatch(tmp_path, digits):
     assert load_dataset(str(folder), image_size=2).images.shape == (2, 1, 2, 2)
 
 
-@pytest.mark.parametrize("source", ["cifar10", "Digits", "/definitely/not/here"])
+@pytest.mark.parametrize(
+    "source", ["cifar10", "Digits", "/definitely/not/here", "fashion-mnist-train", "Fashion-MNIST"]
+)
 def test_load_dataset_unknown_source(source):
     with pytest.raises(DataError) as err:
         load_dataset(source)
-    assert repr(source) in one_line_error(err)
+    message = one_line_error(err)
+    assert repr(source) in message and "'fashion-mnist'" in message
 
 
 def test_load_dataset_missing_npz_and_plain_image_file(tmp_path):

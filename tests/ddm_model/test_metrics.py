@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm_model.data import load_digits
+from ddm_model.data import ImageDataset, load_dataset, load_digits
 from ddm_model.grid import save_grid
-from ddm_model.metrics import Evaluator, frechet_distance
+from ddm_model.metrics import Evaluator, default_epochs, frechet_distance
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
@@ -46,6 +46,37 @@ def test_class_histogram_sees_mode_collapse(evaluator):
     assert np.abs(balanced - evaluator.real_histogram).max() < 0.03
     only_zeros = evaluator.class_histogram(digits.images[digits.labels == 0])
     assert only_zeros.argmax() == 0 and only_zeros[0] > 0.9
+
+
+def test_default_epochs_adapt_to_the_training_set_size():
+    assert default_epochs(1527) == 30  # digits' 85% split keeps its 30 passes
+    assert default_epochs(60_000) == 5  # Fashion-MNIST: 300,000 samples
+    assert default_epochs(51_000) == 6
+    assert default_epochs(10_000_000) == 1
+    assert default_epochs(0) == 30
+
+
+def test_evaluator_reports_accuracy_on_a_held_out_test_set():
+    """Trained on all of a Fashion-MNIST slice, scored on a slice of the test split."""
+    train = load_dataset("fashion-mnist").subset(range(1500))
+    test = load_dataset("fashion-mnist-test").subset(range(60_000, 60_400))
+    evaluator = Evaluator.build(train, epochs=2, test=test)
+    on_test = (evaluator.predict(test.images) == test.labels).float().mean().item()
+    assert evaluator.held_out_accuracy == pytest.approx(on_test)
+    assert evaluator.held_out_accuracy > 0.4  # ten classes: chance is 0.1
+    assert evaluator.reference.shape == (1500, 64)  # features of every training image
+    assert evaluator.real_histogram.sum() == pytest.approx(1.0)
+
+
+def test_evaluator_refuses_a_test_set_it_cannot_score(digits):
+    unlabelled = digits.without_labels()
+    with pytest.raises(ValueError, match="class labels"):
+        Evaluator.build(digits, test=unlabelled)
+    wrong_shape = ImageDataset(torch.zeros(2, 1, 4, 4), torch.arange(2), torch.zeros(2, dtype=torch.int64), 10)
+    with pytest.raises(ValueError, match="shaped like"):
+        Evaluator.build(digits, test=wrong_shape)
+    with pytest.raises(ValueError, match="cluster ids"):
+        Evaluator.build(digits, labels=torch.zeros(len(digits)), test=digits)
 
 
 def test_grid_png_has_the_expected_layout(tmp_path):
