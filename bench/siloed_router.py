@@ -100,7 +100,7 @@ def main() -> None:
             progress=bar,
             description="router, real data",
         ).model
-        images, labels = expert_samples(experts, args.router_samples, shape, steps=20, seed=args.seed)
+        images, labels, _ = expert_samples(experts, args.router_samples, shape, steps=20, seed=args.seed)
         synthetic = ImageDataset(images, torch.arange(len(images)), name="expert samples")
         free_router = train_router(
             synthetic,

@@ -182,6 +182,6 @@ def samples_from_experts(config: CoordinatorConfig, experts: list) -> tuple[Imag
     drawn from each expert, labelled with that expert's index. Returns them and a description."""
     shape = (config.model["in_channels"], config.model["image_size"], config.model["image_size"])
     n, steps = config.router_samples, config.router_sampling_steps
-    images, labels = expert_samples(experts, n, shape, steps=steps, seed=config.router_train["seed"])
+    images, labels, _ = expert_samples(experts, n, shape, steps=steps, seed=config.router_train["seed"])
     data = ImageDataset(images, torch.arange(len(images), dtype=torch.int64), name="expert samples")
     return data, labels, f"{n} samples drawn from each expert ({steps} Euler steps)"

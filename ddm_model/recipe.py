@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint
 from .clustering import Clustering
 from .data import ImageDataset
 from .dit import DiTConfig
-from .ensemble import RoutedEnsemble
+from .ensemble import RoutedEnsemble, Sampler, fixed
 from .flow import Velocity, integrate
 from .router import RouterConfig, accuracy_by_time
 from .train import TrainConfig, TrainResult, train_expert, train_router
@@ -148,8 +148,11 @@ def load_ensemble(expert_paths: list[Path], router_path: Path, device: str = "cp
     return RoutedEnsemble([experts[i] for i in range(k)], router)
 
 
+DRAW_STREAM = 1 << 40  # offset of the per-sample draws' seed from the noise's
+
+
 def generate(
-    velocity: Velocity,
+    model: Velocity | Sampler,
     n: int,
     shape: tuple[int, int, int],
     steps: int = 20,
@@ -158,14 +161,25 @@ def generate(
     batch_size: int = 500,
     device: str = "cpu",
     on_batch: Callable[[int], None] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n samples from noise drawn under ``seed``, in batches."""
+    """n samples from noise drawn under ``seed``, in batches, for ``labels`` (n,) if given.
+
+    ``model`` is a velocity, or a ``Sampler`` (``RoutedEnsemble.sampler``) whose per-sample
+    draws (ancestral routing's experts) come from a second stream of the same seed: the same
+    seed gives the same samples, and the same noise whatever the routing."""
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"{n} samples but {tuple(labels.shape)} labels")
+    sampler = model if isinstance(model, Sampler) else fixed(model)
     generator = torch.Generator().manual_seed(seed)
+    draws = torch.Generator().manual_seed(seed + DRAW_STREAM)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         noise = torch.randn((b, *shape), generator=generator).to(device)
-        out.append(integrate(velocity, noise, steps, method).cpu())
+        y = None if labels is None else labels[start : start + b].to(device)
+        velocity = sampler(b, y, draws)
+        out.append(integrate(velocity, noise, steps, method, y).cpu())
         if on_batch is not None:
             on_batch(b)
     return torch.cat(out)

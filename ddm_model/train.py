@@ -380,12 +380,24 @@ def train_router(
     on_progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
 ) -> TrainResult:
-    """Train r(x_t, t) to name the cluster of each sample from its noised version."""
+    """Train r(x_t, t[, y]) to name the cluster of each sample from its noised version.
+
+    A class-conditional router (``router_cfg.num_classes``) also sees each sample's label,
+    replaced by the null label with probability ``class_dropout`` as the experts' is.
+    """
     clusters = torch.as_tensor(clusters, dtype=torch.int64)
     if clusters.shape != (len(dataset),):
         raise TrainError(f"{len(dataset)} samples but {clusters.shape[0]} cluster labels")
     if clusters.min() < 0 or clusters.max() >= router_cfg.num_clusters:
         raise TrainError(f"cluster labels must lie in [0, {router_cfg.num_clusters})")
+    targets = clusters
+    conditional = bool(router_cfg.num_classes)
+    if conditional:
+        if dataset.labels is None:
+            raise TrainError("the router is class-conditional but the dataset has no labels")
+        if dataset.num_classes > router_cfg.num_classes:
+            raise TrainError(f"the dataset has {dataset.num_classes} classes, the router {router_cfg.num_classes}")
+        targets = torch.stack([clusters, dataset.labels], dim=1)  # (N, 2): cluster, class
     model = seeded(Router, router_cfg, cfg.seed)
     labels_digest = hashlib.sha256(clusters.numpy().astype("<i8").tobytes()).hexdigest()
     identity = {
@@ -396,13 +408,18 @@ def train_router(
     }
     times = cfg.times
 
-    def objective(router, x, y, generator):
-        return router_loss(router, x, y, times, generator)
+    def objective(router, x, target, generator):
+        if not conditional:
+            return router_loss(router, x, target, times, generator)
+        y = target[:, 1]
+        drop = torch.rand(y.shape[0], generator=generator, device=y.device) < router_cfg.class_dropout
+        y = torch.where(drop, torch.full_like(y, router_cfg.num_classes), y)
+        return router_loss(router, x, target[:, 0], times, generator, y)
 
     return fit(
         model,
         dataset.images,
-        clusters,
+        targets,
         objective,
         cfg,
         identity,
@@ -412,3 +429,10 @@ def train_router(
         on_progress,
         stop,
     )
+
+
+def router_step_flops(dataset: ImageDataset, router_cfg: RouterConfig, batch_size: int) -> int:
+    """Training FLOPs of one router step on ``dataset`` at ``batch_size``, measured."""
+    clusters = torch.zeros(len(dataset), dtype=torch.int64)
+    cfg = TrainConfig(steps=0, batch_size=batch_size)
+    return train_router(dataset, clusters, router_cfg, cfg, progress=False).flops_per_step

@@ -168,3 +168,93 @@ def test_conditioning_is_routed_with_its_rows():
     ensemble.velocity(x, torch.zeros(3), y=torch.tensor([7, 8, 9]), routing="top1")
     assert torch.equal(seen[0][0], torch.tensor([10.0, 12.0])) and torch.equal(seen[0][1], torch.tensor([7, 9]))
     assert torch.equal(seen[1][0], torch.tensor([11.0])) and torch.equal(seen[1][1], torch.tensor([8]))
+
+
+# -- ancestral routing: one expert per sample, drawn from the shares ------------------------------
+
+
+def ancestral_samples(mix, n, steps, seed, class_prior=None, y=None):
+    ensemble = RoutedEnsemble(mix.experts(), None, prior=mix.weights * 1000, class_prior=class_prior)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    choice = ensemble.draw_experts(n, y, generator=torch.Generator().manual_seed(seed + 1))
+    x = ensemble.sample(noise, steps, routing="ancestral", y=None, generator=torch.Generator().manual_seed(seed + 1))
+    return ensemble, choice, x
+
+
+def test_ancestral_matches_the_mixture_in_masses_and_moments():
+    """With exact experts, drawing k ~ pi once and integrating expert k alone samples p exactly:
+    each component's mass, mean and spread come out as the mixture's (Euler error only)."""
+    mix = default_mixture()
+    n = 40_000
+    ensemble, choice, x = ancestral_samples(mix, n, steps=200, seed=3)
+    masses = torch.bincount(choice, minlength=mix.k).double() / n
+    se = (mix.weights * (1 - mix.weights) / n).sqrt()
+    assert ((masses - mix.weights).abs() < 4 * se).all(), (masses, mix.weights)
+    for k in range(mix.k):
+        mine = x[choice == k]
+        assert torch.allclose(mine.mean(0), mix.means[k], atol=0.05), (k, mine.mean(0))
+        assert torch.allclose(mine.std(0), mix.stds[k].expand(2), rtol=0.05), (k, mine.std(0))
+    want_mean = (mix.weights[:, None] * mix.means).sum(0)
+    assert torch.allclose(x.mean(0), want_mean, atol=0.06)
+    # one expert evaluation per sample per step: the dispatch is sparse
+    assert sum(ensemble.expert_rows) == n * 200
+
+
+def test_ancestral_mixture_global_second_moment_matches():
+    mix = default_mixture()
+    n = 40_000
+    _, _, x = ancestral_samples(mix, n, steps=200, seed=5)
+    second = (mix.weights[:, None] * (mix.means**2 + mix.stds[:, None] ** 2)).sum(0)
+    assert torch.allclose((x**2).mean(0), second, rtol=0.03)
+
+
+def test_ancestral_draws_are_seeded_and_follow_the_class_shares():
+    mix = default_mixture()
+    # class 0 lives in clusters 0 and 1 (3:1), class 1 only in cluster 3
+    table = torch.tensor([[30.0, 10.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    ensemble = RoutedEnsemble(mix.experts(), None, prior=[4, 3, 2, 1], class_prior=table)
+    y = torch.tensor([0] * 20_000 + [1] * 100 + [7] * 4000)  # 7: no cluster holds it -> the prior
+    choice = ensemble.draw_experts(len(y), y, torch.Generator().manual_seed(0))
+    again = ensemble.draw_experts(len(y), y, torch.Generator().manual_seed(0))
+    assert torch.equal(choice, again)
+    zero = torch.bincount(choice[:20_000], minlength=4).double() / 20_000
+    assert torch.allclose(zero, torch.tensor([0.75, 0.25, 0, 0], dtype=torch.float64), atol=0.015)
+    assert (choice[20_000:20_100] == 3).all()
+    unseen = torch.bincount(choice[20_100:], minlength=4).double() / 4000
+    assert torch.allclose(unseen, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), atol=0.03)
+
+
+def test_ancestral_needs_no_router_but_per_step_routings_do():
+    mix = default_mixture()
+    ensemble = RoutedEnsemble(mix.experts(), None)
+    x, t = points(8)
+    with pytest.raises(Exception, match="needs a router"):
+        ensemble.velocity(x, t, routing="full")
+    out = ensemble.sample(torch.zeros(8, 2, dtype=torch.float64), 4, "ancestral", generator=torch.Generator())
+    assert out.shape == (8, 2)
+
+
+@pytest.mark.parametrize("bad", [[1, -1, 0, 0], [0, 0, 0, 0], [1, float("nan"), 1, 1], [1, 2, 3]])
+def test_bad_shares_are_refused(bad):
+    mix = default_mixture()
+    with pytest.raises(Exception, match="shares"):
+        RoutedEnsemble(mix.experts(), None, prior=bad)
+
+
+def test_generate_is_reproducible_and_runs_one_expert_per_sample():
+    from ddm_model.recipe import generate
+
+    mix = default_mixture()
+    ensemble = RoutedEnsemble(
+        [lambda x, t, k=k: torch.full_like(x, float(k)) for k in range(4)], mix.posterior_logits, prior=[1, 1, 1, 1]
+    )
+    a = generate(ensemble.sampler("ancestral"), 300, (1, 2, 2), steps=3, seed=1, batch_size=128)
+    b = generate(ensemble.sampler("ancestral"), 300, (1, 2, 2), steps=3, seed=1, batch_size=128)
+    assert torch.equal(a, b)
+    # each sample moved by its own expert's constant velocity: a whole number, the same in every pixel
+    noise = generate(lambda x, t: torch.zeros_like(x), 300, (1, 2, 2), steps=3, seed=1, batch_size=128)
+    moved = (a - noise).flatten(1)
+    assert torch.allclose(moved, moved[:, :1].expand_as(moved), atol=1e-5)
+    assert set(moved[:, 0].round().long().tolist()) == {0, 1, 2, 3}
+    assert sum(ensemble.expert_rows) == 2 * 300 * 3
