@@ -51,46 +51,70 @@ from rich.console import Console
 
 from ddm_model.checkpoint import load_checkpoint, read_checkpoint_header
 from ddm_model.clustering import Clustering, cluster_dataset
-from ddm_model.data import load_digits
+from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.distill import DEFAULT_DATA_WEIGHT, teacher_gap, train_student
-from ddm_model.ensemble import RoutedEnsemble
+from ddm_model.ensemble import RoutedEnsemble, Sampler
+from ddm_model.errors import DDMError
 from ddm_model.flops import count_flops
 from ddm_model.flow import TimeSampler, integrate
 from ddm_model.fsutil import atomic_path
 from ddm_model.grid import save_grid
 from ddm_model.metrics import Evaluator
 from ddm_model.progress import progress_bar
-from ddm_model.recipe import Recipe, generate, load_ensemble, step_flops, train_ensemble, train_monolith
-from ddm_model.train import train_router
+from ddm_model.recipe import (
+    Recipe,
+    cluster_shares,
+    generate,
+    load_ensemble,
+    step_flops,
+    train_ensemble,
+    train_monolith,
+)
+from ddm_model.router import calibration_by_time, empirical_posterior
+from ddm_model.train import router_step_flops
 
 console = Console(width=130)
-ROUTINGS = ("full", "top2", "top1")
+ROUTINGS = ("ancestral", "full", "top2", "top1")
 STAGES = {"F3": "F/3", "F": "F"}
+DATASETS = ("digits", "fashion-mnist")
+CALIBRATION_IMAGES = 500  # noised training images on which each router's calibration is measured
 
 
 @dataclass(frozen=True)
 class Scale:
     """Everything that sets the size of a run."""
 
-    image_size: int | None  # digits resized to this side (None: the native 8x8)
-    preset: str  # experts, monolith and student alike
-    router_preset: str
+    image_size: int | None  # images resized to this side (None: native)
+    preset: str  # experts, monolith, student and router alike (the paper's router is a DiT-B/2)
     batch_size: int
     lr: float
     monolith_steps: int  # sets the budget F
-    router_share: float  # share of each DDM's budget spent on its router
-    ks: tuple[int, ...]
-    distill_k: int  # the k-means DDM the student learns from
+    router_share: float  # share of each DDM's budget spent on its router (the paper: about 4%)
+    ks: tuple[int, ...]  # k-means DDMs, unconditional
+    random_ks: tuple[int, ...]  # random partitions, unconditional
+    conditional_ks: tuple[int, ...]  # k-means DDMs, class-conditional (beside a class-conditional monolith)
+    exact_ks: tuple[int, ...]  # k-means DDMs also sampled with the training set's exact posterior
+    distill_k: int  # the unconditional k-means DDM the student learns from
     samples: int  # per sampling seed
     seeds: int
     sampling_steps: int
     device: str
+    limit: int | None = None  # the first images of the training set only (smoke runs)
 
 
 SCALES = {
-    "smoke": Scale(None, "tiny", "tiny", 64, 3e-3, 150, 0.1, (2, 4, 8), 4, 200, 2, 5, "cpu"),
-    "cpu": Scale(None, "small", "tiny", 64, 3e-3, 5000, 0.05, (2, 4, 8), 4, 1500, 2, 20, "cpu"),
-    "gpu": Scale(16, "S/2", "small", 256, 1e-3, 8000, 0.05, (2, 4, 8), 4, 5000, 3, 20, "cuda"),
+    "digits": {
+        "smoke": Scale(None, "tiny", 64, 3e-3, 150, 0.04, (2, 4), (4,), (4,), (4,), 4, 200, 2, 5, "cpu"),
+        "cpu": Scale(
+            None, "small", 64, 3e-3, 5000, 0.04, (2, 4, 8), (2, 4, 8), (2, 4, 8), (2, 4, 8), 4, 1500, 2, 20, "cpu"
+        ),
+        "gpu": Scale(16, "S/2", 256, 1e-3, 8000, 0.04, (2, 4, 8), (2, 4, 8), (2, 4, 8), (4,), 4, 5000, 3, 20, "cuda"),
+    },
+    "fashion-mnist": {
+        "smoke": Scale(None, "tiny", 64, 3e-3, 100, 0.04, (4,), (4,), (4,), (), 4, 200, 2, 5, "cpu", 3000),
+        "cpu": Scale(None, "small/4", 64, 3e-3, 3000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 1000, 2, 20, "cpu"),
+        "gpu": Scale(32, "S/2", 256, 1e-3, 20000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 5000, 3, 20, "cuda"),
+    },
 }
 
 
@@ -102,29 +126,15 @@ def machine() -> str:
     except ImportError:
         memory = ""
     cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     versions = f"torch {torch.__version__}, Python {platform.python_version()}"
     return f"{cpu}, {torch.get_num_threads()} torch threads{memory}{gpu}, {versions}"
-
-
-def training_set_posterior(images: torch.Tensor, clusters: torch.Tensor, k: int):
-    """The exact p(cluster | x_t, t) of the training set's empirical distribution.
-
-    x_t given data x_i is N(t x_i, (1 - t)^2 I), so p(k | x_t) is a softmax over the members of
-    each cluster. A diagnostic only (it needs every training image): routing the trained
-    experts with it separates router error from expert error.
-    """
-    data = images.flatten(1).double()
-    members = torch.nn.functional.one_hot(clusters, k).double().to(data.device)
-
-    def router(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x, tt = x.flatten(1).double(), t.double()[:, None]
-        sq = (x * x).sum(1, keepdim=True) - 2 * tt * (x @ data.T) + tt**2 * (data * data).sum(1)[None]
-        log_w = -0.5 * sq / ((1 - tt) ** 2).clamp_min(1e-8)
-        peak = log_w.max(1, keepdim=True).values
-        return (torch.exp(log_w - peak) @ members).clamp_min(1e-300).log().float()
-
-    return router
 
 
 def sha256_of(path: Path) -> str:
@@ -138,12 +148,14 @@ class Trained:
     name: str
     partition: str
     k: int
+    conditional: bool
     clustering: Clustering
     expert_steps: int
     router_steps: int
     flops: int
+    router_flops: int
     ensemble: RoutedEnsemble
-    accuracy_by_t: list
+    calibration: list
     expert_paths: list[Path]
 
 
@@ -154,14 +166,23 @@ def snapshot(files: list[Path], folder: Path) -> None:
             shutil.copyfile(path, tmp)
 
 
+def load_data(name: str, scale: Scale) -> tuple[ImageDataset, ImageDataset | None]:
+    """The training set and, where the dataset has one, its held-out test set."""
+    train = load_dataset(name, image_size=scale.image_size)
+    if scale.limit is not None:
+        train = train.subset(train.ids[: scale.limit], name=train.name)
+    test = load_dataset(f"{name}-test", image_size=scale.image_size) if name == "fashion-mnist" else None
+    return train, test
+
+
 class Bench:
-    def __init__(self, scale_name: str, scale: Scale, out: Path, seed: int):
-        self.scale_name, self.scale, self.out, self.seed = scale_name, scale, out, seed
-        self.dataset = load_digits(image_size=scale.image_size)
+    def __init__(self, dataset: str, scale_name: str, scale: Scale, out: Path, seed: int):
+        self.dataset_name, self.scale_name, self.scale, self.out, self.seed = dataset, scale_name, scale, out, seed
+        self.dataset, self.test = load_data(dataset, scale)
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.recipe = Recipe(
             expert_preset=scale.preset,
-            router_preset=scale.router_preset,
+            router_preset=scale.preset,
             batch_size=scale.batch_size,
             lr=scale.lr,
             router_lr=min(scale.lr, 1e-3),
@@ -174,40 +195,48 @@ class Bench:
         self.cached = json.loads(self.cache.read_text()) if self.cache.exists() else {}
         self.reused = 0  # evaluations and trainings taken from an earlier invocation
         self.training_seconds = 0.0
+        # Labels to sample class-conditional models with: the training set's own class mix.
+        self.class_freq = torch.bincount(self.dataset.labels, minlength=self.dataset.num_classes).double()
+        # Images (and their labels) on which the routers' calibration is measured.
+        pick = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))[:CALIBRATION_IMAGES]
+        self.calib_rows = pick
+
+    def recipe_for(self, conditional: bool) -> Recipe:
+        return dataclasses.replace(self.recipe, class_conditional=conditional)
 
     # -- training --------------------------------------------------------------------------
 
     def budget(self) -> tuple[int, int, int]:
-        """(F, expert step FLOPs, router step FLOPs), all measured."""
+        """(F, expert step FLOPs, router step FLOPs), all measured (unconditional models)."""
         per_step = step_flops(self.dataset, self.recipe)
-        router_step = train_router(
-            self.dataset,
-            torch.zeros(len(self.dataset), dtype=torch.int64),
-            self.recipe.router_config(self.dataset, 2),
-            self.recipe.train_config(0),
-            progress=False,
-        ).flops_per_step
+        router_step = router_step_flops(self.dataset, self.recipe.router_config(self.dataset, 2), self.scale.batch_size)
         return self.scale.monolith_steps * per_step, per_step, router_step
 
-    def monolith(self, stage: str, steps: int, bar) -> tuple[torch.nn.Module, dict]:
+    def monolith(self, stage: str, steps: int, conditional: bool, bar) -> tuple[torch.nn.Module, dict]:
         """The monolith stopped after ``steps`` (runs with a constant rate: F/3 is F's prefix)."""
-        path = self.out / f"monolith-{stage}.safetensors"
+        tag = "-cc" if conditional else ""
+        path = self.out / f"monolith{tag}-{stage}.safetensors"
         if path.exists():
             self.reused += 1
         else:
             started = time.perf_counter()
-            trained, _ = train_monolith(self.dataset, self.recipe, steps, self.out, progress=bar)
+            work = self.out / f"monolith{tag}"
+            trained, _ = train_monolith(self.dataset, self.recipe_for(conditional), steps, work, progress=bar)
             self.training_seconds += time.perf_counter() - started
             with atomic_path(path) as tmp:
                 shutil.copyfile(trained, tmp)
         model, info = load_checkpoint(path, device=self.scale.device)
-        return model, {"kind": "monolith", "flops": info.flops, "steps": info.steps}
+        return model, {"kind": "monolith", "flops": info.flops, "steps": info.steps, "conditional": conditional}
 
-    def ddm(self, partition: str, k: int, stage: str, budget: int, per_step: int, router_step: int, bar) -> Trained:
+    def ddm(self, partition: str, k: int, stage: str, budget: int, conditional: bool, bar) -> Trained:
         """K experts plus a router for ``budget`` FLOPs; the router takes its share first. The
         F/3 stage of a partition is the prefix of its F run (same folder, resumed)."""
+        recipe = self.recipe_for(conditional)
+        per_step = step_flops(self.dataset, recipe)
+        router_step = router_step_flops(self.dataset, recipe.router_config(self.dataset, k), self.scale.batch_size)
         clustering = cluster_dataset(self.dataset, k, method=partition, seed=self.seed)
-        folder = self.out / f"{partition}-k{k}"
+        tag = "-cc" if conditional else ""
+        folder = self.out / f"{partition}-k{k}{tag}"
         stage_dir = folder / stage
         names = [f"expert-{i}.safetensors" for i in range(k)] + ["router.safetensors"]
         if (stage_dir / names[-1]).exists():
@@ -215,25 +244,45 @@ class Bench:
         else:
             router_steps = max(1, int(self.scale.router_share * budget / router_step))
             expert_steps = (budget - router_steps * router_step) // (k * per_step)
-            recipe = dataclasses.replace(self.recipe, expert_steps=expert_steps, router_steps=router_steps)
+            recipe = dataclasses.replace(recipe, expert_steps=expert_steps, router_steps=router_steps)
             started = time.perf_counter()
             trained = train_ensemble(self.dataset, clustering, recipe, folder, progress=bar)
             self.training_seconds += time.perf_counter() - started
             snapshot([*trained.expert_paths, trained.router_path], stage_dir)
         paths = [stage_dir / name for name in names]
-        ensemble = load_ensemble(paths[:-1], paths[-1], device=self.scale.device)
+        prior, class_prior = cluster_shares(self.dataset, clustering)
+        ensemble = load_ensemble(paths[:-1], paths[-1], self.scale.device, prior, class_prior)
         infos = [read_checkpoint_header(p)[0] for p in paths]
+        name = f"{partition} K={k}{' cc' if conditional else ''}"
         return Trained(
-            f"{partition} K={k}",
+            name,
             partition,
             k,
+            conditional,
             clustering,
             infos[0].steps,
             infos[-1].steps,
             sum(i.flops for i in infos),
+            infos[-1].flops,
             ensemble,
-            infos[-1].metrics["accuracy_by_t"],
+            self.calibration(ensemble.router, clustering, conditional) if stage == "F" else [],
             paths[:-1],
+        )
+
+    def calibration(self, router, clustering: Clustering, conditional: bool) -> list[dict]:
+        """Accuracy and KL(exact || router) by t on a fixed sample of training images."""
+        d, rows = self.dataset, self.calib_rows
+        clusters = torch.from_numpy(clustering.labels_for(d.ids))
+        labels = d.labels if conditional else None
+        exact = empirical_posterior(d.images, clusters, clustering.k, labels)
+        return calibration_by_time(
+            router,
+            d.images[rows],
+            clusters[rows],
+            exact,
+            labels=None if labels is None else labels[rows],
+            bins=5,
+            seed=self.seed,
         )
 
     def student(self, teacher: Trained, budget: int, bar) -> tuple[torch.nn.Module, dict]:
@@ -273,6 +322,7 @@ class Bench:
             "steps": steps,
             "teacher_flops": teacher.flops,
             "teacher_mse": gap,
+            "conditional": False,
         }
         return result.model.to(s.device), info
 
@@ -281,7 +331,12 @@ class Bench:
     def noise(self, seed: int, n: int) -> torch.Tensor:
         return torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(10_000 + seed))
 
-    def evaluate(self, name: str, velocity, info: dict, ensemble: RoutedEnsemble | None = None) -> dict:
+    def labels(self, seed: int, n: int) -> torch.Tensor:
+        """Classes to sample a class-conditional model with: drawn from the data's class mix."""
+        generator = torch.Generator().manual_seed(20_000 + seed)
+        return torch.multinomial(self.class_freq, n, replacement=True, generator=generator)
+
+    def evaluate(self, name: str, model, info: dict, ensemble: RoutedEnsemble | None = None) -> dict:
         """Fréchet distance, coverage and sampling cost of one model under every sampling seed."""
         key = json.dumps({"name": name, **info}, sort_keys=True)
         grid = self.out / "grids" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.png"
@@ -294,8 +349,9 @@ class Bench:
             if ensemble is not None:
                 ensemble.reset_counts()
             for seed in range(s.seeds):
+                labels = self.labels(seed, s.samples) if info.get("conditional") else None
                 images = generate(
-                    velocity, s.samples, self.shape, s.sampling_steps, seed=10_000 + seed, device=s.device
+                    model, s.samples, self.shape, s.sampling_steps, seed=10_000 + seed, device=s.device, labels=labels
                 )
                 fds.append(self.evaluator.frechet(images))
                 histograms.append(self.evaluator.class_histogram(images))
@@ -304,8 +360,11 @@ class Bench:
             seconds = time.perf_counter() - started
             evals = sum(ensemble.expert_rows) / (s.samples * s.seeds * s.sampling_steps) if ensemble else 1.0
             probe = self.noise(99, 64).to(s.device)
+            probe_labels = self.labels(99, 64) if info.get("conditional") else None
+            sampler = model if isinstance(model, Sampler) else None
             with torch.no_grad():
-                flops = count_flops(lambda: integrate(velocity, probe, s.sampling_steps)) / probe.shape[0]
+                velocity = sampler(64, probe_labels, torch.Generator().manual_seed(0)) if sampler else model
+                flops = count_flops(lambda: integrate(velocity, probe, s.sampling_steps, y=probe_labels)) / 64
             share = np.mean(histograms, axis=0)
             real = self.evaluator.real_histogram
             row = {
@@ -334,63 +393,83 @@ class Bench:
                 "kind": "ddm",
                 "partition": trained.partition,
                 "k": trained.k,
+                "conditional": trained.conditional,
                 "routing": routing,
                 "flops": trained.flops,
                 "expert_steps": trained.expert_steps,
                 "router_steps": trained.router_steps,
             }
             name = f"{trained.name} {routing}{suffix}"
-            self.evaluate(name, trained.ensemble.as_velocity(routing), info, trained.ensemble)
+            self.evaluate(name, trained.ensemble.sampler(routing), info, trained.ensemble)
 
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self) -> dict:
         s = self.scale
         self.out.mkdir(parents=True, exist_ok=True)
-        self.evaluator = Evaluator.build(self.dataset, seed=self.seed)
+        self.evaluator = Evaluator.build(self.dataset, seed=self.seed, test=self.test)
         budget, per_step, router_step = self.budget()
         third = budget // 3
         evidence: dict = {"budget": budget, "per_step": per_step, "router_step": router_step, "ddms": {}}
+        trained: dict[tuple[str, int, bool], Trained] = {}
         with progress_bar() as bar:
-            for stage, steps in (("F3", s.monolith_steps // 3), ("F", s.monolith_steps)):
-                model, info = self.monolith(stage, steps, bar)
-                self.evaluate(f"monolith ({STAGES[stage]})", model, info)
-            trained: dict[tuple[str, int], Trained] = {}
-            for k in s.ks:  # k-means DDMs at F/3 (the prefix of their F runs), top-1 only
-                self.evaluate_ddm(self.ddm("kmeans2", k, "F3", third, per_step, router_step, bar), ("top1",), " (F/3)")
-            for partition in ("kmeans2", "random"):
-                for k in s.ks:
-                    trained[partition, k] = self.ddm(partition, k, "F", budget, per_step, router_step, bar)
-                    self.evaluate_ddm(trained[partition, k])
-            for k in s.ks:  # the k-means experts routed by the training set's exact posterior
-                t = trained["kmeans2", k]
-                clusters = torch.from_numpy(t.clustering.labels_for(self.dataset.ids)).to(s.device)
-                exact = RoutedEnsemble(
-                    t.ensemble.experts, training_set_posterior(self.dataset.images.to(s.device), clusters, k)
+            for conditional in (False, True):
+                stages = (
+                    (("F3", s.monolith_steps // 3), ("F", s.monolith_steps))
+                    if not conditional
+                    else (("F", s.monolith_steps),)
                 )
-                for routing in ("full", "top1"):
-                    info = {"kind": "exact", "partition": "kmeans2", "k": k, "routing": routing, "flops": t.flops}
-                    name = f"kmeans2 K={k} {routing}, exact posterior"
-                    self.evaluate(name, exact.as_velocity(routing), info, exact)
-            teacher = trained["kmeans2", s.distill_k]
+                for stage, steps in stages:
+                    model, info = self.monolith(stage, steps, conditional, bar)
+                    self.evaluate(f"monolith{' cc' if conditional else ''} ({STAGES[stage]})", model, info)
+            for k in s.ks:  # k-means DDMs at F/3 (the prefix of their F runs)
+                t = self.ddm("kmeans2", k, "F3", third, False, bar)
+                self.evaluate_ddm(t, ("ancestral", "top1"), " (F/3)")
+            plan = [("kmeans2", k, False) for k in s.ks] + [("random", k, False) for k in s.random_ks]
+            plan += [("kmeans2", k, True) for k in s.conditional_ks]
+            for partition, k, conditional in plan:
+                t = trained[partition, k, conditional] = self.ddm(partition, k, "F", budget, conditional, bar)
+                routings = ROUTINGS if partition == "kmeans2" else ("ancestral", "full", "top1")
+                self.evaluate_ddm(t, routings)
+            for k in s.exact_ks:  # the k-means experts routed by the training set's exact posterior
+                for conditional in (False, True):
+                    if ("kmeans2", k, conditional) not in trained:
+                        continue
+                    t = trained["kmeans2", k, conditional]
+                    clusters = torch.from_numpy(t.clustering.labels_for(self.dataset.ids))
+                    labels = self.dataset.labels if conditional else None
+                    exact = RoutedEnsemble(
+                        t.ensemble.experts,
+                        empirical_posterior(self.dataset.images, clusters, k, labels),
+                        t.ensemble.prior,
+                        t.ensemble.class_prior,
+                        router_takes_labels=conditional,
+                    )
+                    for routing in ("full", "top1"):
+                        info = {"kind": "exact", "partition": "kmeans2", "k": k, "routing": routing}
+                        info.update(flops=t.flops, conditional=conditional)
+                        name = f"{t.name} {routing}, exact posterior"
+                        self.evaluate(name, exact.sampler(routing), info, exact)
+            teacher = trained["kmeans2", s.distill_k, False]
             model, info = self.student(teacher, third, bar)
             self.evaluate(f"student of kmeans2 K={teacher.k} (F/3)", model, info)
-        for (partition, k), t in trained.items():
+        for t in trained.values():
             sizes = t.clustering.sizes
-            evidence["ddms"][f"{partition} K={k}"] = {
+            evidence["ddms"][t.name] = {
                 "sizes": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
                 "expert_steps": t.expert_steps,
                 "router_steps": t.router_steps,
                 "epochs": [t.expert_steps * s.batch_size / int(n) for n in (sizes.max(), sizes.min())],
-                "router_flops_share": t.router_steps * router_step / t.flops,
+                "router_flops_share": t.router_flops / t.flops,
                 "flops": t.flops,
-                "accuracy_by_t": t.accuracy_by_t,
+                "calibration": t.calibration,
                 "chance": float(sizes.max() / sizes.sum()),
             }
         evidence["n"] = len(self.dataset)
         evidence["monolith_epochs"] = s.monolith_steps * s.batch_size / len(self.dataset)
         evidence["floor"] = self.evaluator.real_vs_real(seed=self.seed)
         evidence["feature_accuracy"] = self.evaluator.held_out_accuracy
+        evidence["feature_accuracy_on"] = "the 10,000-image test set" if self.test is not None else "a held-out 15%"
         return evidence
 
 
@@ -410,7 +489,27 @@ def fd(row: dict) -> str:
 
 
 def accuracy(d: dict) -> str:
-    return ", ".join(f"t={t:.1f} {a:.0%}" for t, a in d["accuracy_by_t"]) + f" (chance {d['chance']:.0%})"
+    cells = ", ".join(f"t={c['t']:.1f} {c['accuracy']:.0%}" for c in d["calibration"])
+    return f"{cells} (chance {d['chance']:.0%})"
+
+
+def kl(d: dict) -> str:
+    return ", ".join(f"t={c['t']:.1f} {c['kl']:.2f}" for c in d["calibration"])
+
+
+def per_k(outcomes: dict, good=("better",), bad=("worse",)) -> str:
+    if all(o in good for o in outcomes.values()):
+        return "**holds**"
+    if all(o in bad for o in outcomes.values()):
+        return "**does not hold**"
+    held = [f"K={k}" for k, o in outcomes.items() if o in good]
+    failed = [f"K={k}" for k, o in outcomes.items() if o in bad]
+    parts = [f"holds at {', '.join(held)}"] if held else []
+    parts += [f"does not hold at {', '.join(failed)}"] if failed else []
+    if not parts:
+        return "**not settled** (within seed noise)"
+    rest = " (the rest within seed noise)" if len(held) + len(failed) < len(outcomes) else ""
+    return "**" + "; ".join(parts) + "**" + rest
 
 
 def claims(r: dict, ev: dict, scale: Scale) -> tuple[list[str], list[str]]:
@@ -419,117 +518,132 @@ def claims(r: dict, ev: dict, scale: Scale) -> tuple[list[str], list[str]]:
     mono, ks = r["monolith (F)"], scale.ks
     lines, notes = [], []
 
-    def best(partition: str, k: int) -> tuple[str, dict]:
-        rows = [(ro, r[f"{partition} K={k} {ro}"]) for ro in ROUTINGS if f"{partition} K={k} {ro}" in r]
+    def best(name: str) -> tuple[str, dict]:
+        rows = [(ro, r[f"{name} {ro}"]) for ro in ROUTINGS if f"{name} {ro}" in r]
         return min(rows, key=lambda x: x[1]["fd"])
 
-    def per_k(outcomes: dict[int, str], good=("better",), bad=("worse",)) -> str:
-        if all(o in good for o in outcomes.values()):
-            return "**holds**"
-        if all(o in bad for o in outcomes.values()):
-            return "**does not hold**"
-        held = [f"K={k}" for k, o in outcomes.items() if o in good]
-        failed = [f"K={k}" for k, o in outcomes.items() if o in bad]
-        parts = [f"holds at {', '.join(held)}"] if held else []
-        parts += [f"does not hold at {', '.join(failed)}"] if failed else []
-        if not parts:
-            return "**not settled** (within seed noise)"
-        rest = " (the rest within seed noise)" if len(held) + len(failed) < len(outcomes) else ""
-        return "**" + "; ".join(parts) + "**" + rest
+    def cost(row: dict) -> str:
+        return f"{row['sampling_flops'] / 1e9:.3f} GFLOP/image"
 
-    # 1. A FLOP-matched DDM against the monolith.
-    outcomes = {k: compare(best("kmeans2", k)[1], mono) for k in ks}
-    cells = [f"K={k} {best('kmeans2', k)[0]} {fd(best('kmeans2', k)[1])} ({o})" for k, o in outcomes.items()]
-    lines.append(
+    # 1. The best DDM against the monolith at equal FLOPs, unconditional and class-conditional.
+    outcomes = {k: compare(best(f"kmeans2 K={k}")[1], mono) for k in ks}
+    cells = [f"K={k} {best(f'kmeans2 K={k}')[0]} {fd(best(f'kmeans2 K={k}')[1])} ({o})" for k, o in outcomes.items()]
+    text = (
         "1. **A DDM beats a monolith trained with the same FLOPs** (paper: top-1 FID 9.84 against 12.81). "
-        f"{per_k(outcomes)}. Monolith at F: {fd(mono)}; the best routing of each k-means DDM at F, router "
-        f"included: {'; '.join(cells)}."
+        f"Unconditional: {per_k(outcomes)}. Monolith at F: {fd(mono)}; the best routing of each k-means DDM at "
+        f"F, router included: {'; '.join(cells)}."
     )
-    if "better" not in outcomes.values():
-        k = min(ks, key=lambda k: best("kmeans2", k)[1]["fd"])
-        d, full = ev["ddms"][f"kmeans2 K={k}"], r[f"kmeans2 K={k} full"]
-        exact = r[f"kmeans2 K={k} full, exact posterior"]
-        evidence = (
-            f"at K={k} (the best DDM here) each expert trains {d['expert_steps']} steps on {d['sizes'][0]}-"
-            f"{d['sizes'][2]} images ({d['epochs'][0]:.0f}-{d['epochs'][1]:.0f} passes over its cluster, against "
-            f"{ev['monolith_epochs']:.0f} passes over all {ev['n']} images for the monolith), at the monolith's "
-            f"batch of {scale.batch_size}; the router takes {d['router_flops_share']:.0%} of the budget and is "
-            f"right at {accuracy(d)}; mixed by the training set's exact posterior (full routing), the same "
-            f"experts score {fd(exact)} against {fd(full)} with the trained router and {fd(mono)} for the monolith"
+    cc_outcomes = {}
+    if scale.conditional_ks:
+        mono_cc = r["monolith cc (F)"]
+        cc_outcomes = {k: compare(best(f"kmeans2 K={k} cc")[1], mono_cc) for k in scale.conditional_ks}
+        cc_cells = [
+            f"K={k} {best(f'kmeans2 K={k} cc')[0]} {fd(best(f'kmeans2 K={k} cc')[1])} ({o})"
+            for k, o in cc_outcomes.items()
+        ]
+        text += (
+            f" Class-conditional (experts and router see the label, sampled at the data's class mix, no guidance): "
+            f"{per_k(cc_outcomes)}. Class-conditional monolith at F: {fd(mono_cc)}; {'; '.join(cc_cells)}."
         )
-        if compare(exact, mono) != "worse":
-            reason = "the router: mixed by the exact posterior, the same experts match or beat the monolith"
-        elif compare(exact, full) == "better":
+    lines.append(text)
+    if "better" not in outcomes.values():
+        k = min(ks, key=lambda k: best(f"kmeans2 K={k}")[1]["fd"])
+        d = ev["ddms"][f"kmeans2 K={k}"]
+        routing, row = best(f"kmeans2 K={k}")
+        evidence = (
+            f"at K={k} (the best DDM here, {routing}) each expert trains {d['expert_steps']} steps on "
+            f"{d['sizes'][0]}-{d['sizes'][2]} images ({d['epochs'][0]:.1f}-{d['epochs'][1]:.1f} passes over its "
+            f"cluster, against {ev['monolith_epochs']:.1f} passes over all {ev['n']} images for the monolith), at "
+            f"the monolith's batch of {scale.batch_size} and size; the router takes {d['router_flops_share']:.1%} "
+            f"of the budget"
+        )
+        exact_key = f"kmeans2 K={k} full, exact posterior"
+        if exact_key in r:
+            evidence += f"; mixed by the training set's exact posterior the same experts score {fd(r[exact_key])}"
+        anc = r.get(f"kmeans2 K={k} ancestral")
+        if routing == "ancestral" or (anc is not None and compare(anc, row) != "worse"):
             reason = (
-                "both: the router's mistakes cost part of the gap (exact routing is better), and even routed "
-                "exactly the experts lose to the monolith"
+                "the experts themselves: ancestral routing is exact in distribution for exact experts and needs "
+                "no router, so what is left of the gap is each expert's own error on its cluster, trained with "
+                "1/K of the FLOPs on 1/K of the data by a model of the monolith's size"
             )
         else:
-            reason = (
-                "the experts: even mixed by the exact posterior they lose to the monolith, each having learnt its "
-                "share of the data no better than one model learns all of it at this size"
-            )
+            reason = "the routing: the experts' best use here is not the router-free one"
         notes.append(f"Claim 1, most likely {reason}. Evidence: {evidence}.")
 
-    # 2. Top-1 against the full ensemble.
+    # 2. Top-1 against the full ensemble (the paper's routing).
     outcomes = {k: compare(r[f"kmeans2 K={k} top1"], r[f"kmeans2 K={k} full"]) for k in ks}
     cells = [
-        f"K={k}: top-1 {fd(r[f'kmeans2 K={k} top1'])} at {r[f'kmeans2 K={k} top1']['sampling_flops'] / 1e9:.3f} "
-        f"GFLOP/image, full {fd(r[f'kmeans2 K={k} full'])} at {r[f'kmeans2 K={k} full']['sampling_flops'] / 1e9:.3f}"
-        f" ({o})"
+        f"K={k}: top-1 {fd(r[f'kmeans2 K={k} top1'])} at {cost(r[f'kmeans2 K={k} top1'])}, full "
+        f"{fd(r[f'kmeans2 K={k} full'])} at {cost(r[f'kmeans2 K={k} full'])} ({o})"
         for k, o in outcomes.items()
     ]
     lines.append(
-        "2. **Top-1 routing is as good as or better than the full ensemble, at a fraction of the sampling cost** "
-        "(paper: top-1 9.84 at 334 GFLOPs, top-2 10.31 at 642, full 10.52 at 2490). "
+        "2. **Per-step top-1 routing is as good as the full ensemble, at a fraction of the sampling cost** "
+        "(paper: top-1 9.84 at 334 GFLOPs, top-2 10.31 at 642, full 10.52 at 2490). Unconditional: "
         f"{per_k(outcomes, good=('better', 'tied'))}. " + "; ".join(cells) + "."
     )
     if "worse" in outcomes.values():
         k = next(k for k, o in outcomes.items() if o == "worse")
-        d, full = ev["ddms"][f"kmeans2 K={k}"], r[f"kmeans2 K={k} full"]
-        exact, exact_full = r[f"kmeans2 K={k} top1, exact posterior"], r[f"kmeans2 K={k} full, exact posterior"]
-        if compare(exact, exact_full) == "worse":
+        d = ev["ddms"][f"kmeans2 K={k}"]
+        exact, exact_full = r.get(f"kmeans2 K={k} top1, exact posterior"), r.get(f"kmeans2 K={k} full, exact posterior")
+        evidence = f"router accuracy {accuracy(d)}; KL(exact posterior || router) in nats {kl(d)}"
+        if exact is not None and compare(exact, exact_full) == "worse":
             reason = (
-                "hard routing itself: with the exact posterior too, top-1 loses to the full mixture, because "
-                "at small t the clusters' noised distributions overlap and committing to one expert there "
-                "discards the others' share"
+                "switching experts along a trajectory: with the exact posterior too, top-1 loses to the full "
+                "mixture. At t near 0 the posterior is the prior, so every sample goes to the largest cluster "
+                "and is handed to other experts later, in states they never saw"
             )
+            evidence = f"with the exact posterior top-1 {fd(exact)} and full {fd(exact_full)}; " + evidence
         else:
-            reason = "the router's mistakes: with the exact posterior, top-1 is as good as the full mixture"
-        notes.append(
-            f"Claim 2 at K={k}, most likely {reason}. Evidence: with the exact posterior top-1 {fd(exact)} and "
-            f"full {fd(exact_full)}; with the trained router top-1 {fd(r[f'kmeans2 K={k} top1'])} and full "
-            f"{fd(full)}; router accuracy {accuracy(d)}."
-        )
+            reason = "the router's mistakes"
+        notes.append(f"Claim 2 at K={k}, most likely {reason}. Evidence: {evidence}.")
 
-    # 3. Feature clustering against a random partition.
-    outcomes = {k: compare(best("kmeans2", k)[1], best("random", k)[1]) for k in ks}
+    # 3. Ancestral routing: one expert per sample, drawn from the cluster shares.
+    outcomes = {k: compare(r[f"kmeans2 K={k} ancestral"], r[f"kmeans2 K={k} full"]) for k in ks}
     cells = [
-        f"K={k}: k-means {fd(best('kmeans2', k)[1])} ({best('kmeans2', k)[0]}), random "
-        f"{fd(best('random', k)[1])} ({best('random', k)[0]}) ({o})"
+        f"K={k}: ancestral {fd(r[f'kmeans2 K={k} ancestral'])} at {cost(r[f'kmeans2 K={k} ancestral'])}, full "
+        f"{fd(r[f'kmeans2 K={k} full'])} at {cost(r[f'kmeans2 K={k} full'])} ({o})"
+        for k, o in outcomes.items()
+    ]
+    for k in scale.conditional_ks:
+        a, f_ = r[f"kmeans2 K={k} cc ancestral"], r[f"kmeans2 K={k} cc full"]
+        cells.append(f"class-conditional K={k}: ancestral from p(k | y) {fd(a)}, full {fd(f_)} ({compare(a, f_)})")
+    lines.append(
+        "3. **Ancestral routing (the expert drawn once per sample from the cluster shares, run alone, no router) "
+        "is within the seed noise of full routing or better, at about 1/K of its cost** (the paper's Oracle row: "
+        f"10.46 against full 10.52). {per_k(outcomes, good=('better', 'tied'))}. " + "; ".join(cells) + "."
+    )
+
+    # 4. Feature clustering against a random partition.
+    rks = [k for k in scale.random_ks if k in ks]
+    outcomes = {k: compare(best(f"kmeans2 K={k}")[1], best(f"random K={k}")[1]) for k in rks}
+    cells = [
+        f"K={k}: k-means {fd(best(f'kmeans2 K={k}')[1])} ({best(f'kmeans2 K={k}')[0]}), random "
+        f"{fd(best(f'random K={k}')[1])} ({best(f'random K={k}')[0]}) ({o})"
         for k, o in outcomes.items()
     ]
     lines.append(
-        "3. **Feature clustering beats a random partition** (best routing of each). "
+        "4. **Feature clustering beats a random partition** (best routing of each). "
         f"{per_k(outcomes)}. " + "; ".join(cells) + "."
     )
-    if "better" not in outcomes.values():
-        k = max(ks)
+    if rks and "better" not in outcomes.values():
+        k = max(rks)
         km, rnd = ev["ddms"][f"kmeans2 K={k}"], ev["ddms"][f"random K={k}"]
         notes.append(
-            "Claim 3, most likely the size of the data: a random partition gives each expert an unbiased sample "
-            "of the whole distribution and its router no signal, so its ensemble averages K small monoliths, "
-            "while k-means experts specialise on clusters too small to gain from it. Evidence: at K="
+            "Claim 4, most likely the size of the data: a random partition gives each expert an unbiased sample "
+            "of the whole distribution, so each random expert is a small monolith, while k-means experts "
+            "specialise on clusters too small to gain from it. Evidence: at K="
             f"{k} the k-means router is right at {accuracy(km)}, the random one at {accuracy(rnd)}; k-means "
             f"clusters hold {km['sizes'][0]}-{km['sizes'][2]} images."
         )
 
-    # 4. More experts: 8 against 4.
+    # 5. More experts: 8 against 4.
     big, mid = max(ks), sorted(ks)[-2]
-    outcome = compare(best("kmeans2", big)[1], best("kmeans2", mid)[1])
-    cells = [f"K={k}: {fd(best('kmeans2', k)[1])} ({best('kmeans2', k)[0]})" for k in ks]
+    outcome = compare(best(f"kmeans2 K={big}")[1], best(f"kmeans2 K={mid}")[1])
+    cells = [f"K={k}: {fd(best(f'kmeans2 K={k}')[1])} ({best(f'kmeans2 K={k}')[0]})" for k in ks]
     lines.append(
-        f"4. **{big} experts beat {mid}** (paper: 8 beat 4 and 16; K=16 is not run here, its clusters would "
+        f"5. **{big} experts beat {mid}** (paper: 8 beat 4 and 16; K=16 is not run here, its clusters would "
         f"hold about {ev['n'] // 16} images). {per_k({big: outcome})}. The best routing of each k-means DDM at F: "
         + "; ".join(cells)
         + "."
@@ -537,20 +651,46 @@ def claims(r: dict, ev: dict, scale: Scale) -> tuple[list[str], list[str]]:
     if outcome != "better":
         d_big, d_mid = ev["ddms"][f"kmeans2 K={big}"], ev["ddms"][f"kmeans2 K={mid}"]
         notes.append(
-            f"Claim 4, most likely too little data and too few steps per expert: at equal FLOPs each of {big} "
-            f"experts trains {d_big['expert_steps']} steps on {d_big['sizes'][0]}-{d_big['sizes'][2]} images, "
-            f"against {d_mid['expert_steps']} steps on {d_mid['sizes'][0]}-{d_mid['sizes'][2]} for K={mid}, at "
-            f"the same per-expert batch of {scale.batch_size}; and the router is right at {accuracy(d_big)} "
-            f"against {accuracy(d_mid)}."
+            f"Claim 5, most likely too few steps per expert at equal FLOPs: each of {big} experts trains "
+            f"{d_big['expert_steps']} steps on {d_big['sizes'][0]}-{d_big['sizes'][2]} images, against "
+            f"{d_mid['expert_steps']} steps on {d_mid['sizes'][0]}-{d_mid['sizes'][2]} for K={mid}, at the same "
+            f"per-expert batch of {scale.batch_size} and the same model size."
         )
 
-    # 5. Distillation.
+    # 6. Class-conditional routing: does per-step top-1 stop collapsing?
+    if scale.conditional_ks:
+        outcomes = {k: compare(r[f"kmeans2 K={k} cc top1"], r[f"kmeans2 K={k} cc full"]) for k in scale.conditional_ks}
+        cells = []
+        for k in scale.conditional_ks:
+            d = ev["ddms"][f"kmeans2 K={k} cc"]
+            cells.append(
+                f"K={k}: top-1 {fd(r[f'kmeans2 K={k} cc top1'])}, full {fd(r[f'kmeans2 K={k} cc full'])}, "
+                f"ancestral {fd(r[f'kmeans2 K={k} cc ancestral'])} (unconditional top-1 "
+                f"{fd(r[f'kmeans2 K={k} top1']) if f'kmeans2 K={k} top1' in r else '-'}); router accuracy "
+                f"{accuracy(d)}"
+            )
+        lines.append(
+            "6. **With a class-conditional router (the paper's setting) per-step top-1 stops collapsing** (top-1 "
+            f"within noise of full, or better). {per_k(outcomes, good=('better', 'tied'))}. " + "; ".join(cells) + "."
+        )
+        if "worse" in outcomes.values():
+            k = next(k for k, o in outcomes.items() if o == "worse")
+            exact = r.get(f"kmeans2 K={k} cc top1, exact posterior")
+            extra = f" With the exact class-conditional posterior top-1 scores {fd(exact)}." if exact else ""
+            notes.append(
+                f"Claim 6 at K={k}, most likely the label does not name the cluster: k-means clusters cut across "
+                f"classes, so p(k | y, x_t) near t = 0 is still spread over several experts and top-1 still hands "
+                f"samples between them.{extra} Its KL to the exact posterior by t: "
+                f"{kl(ev['ddms'][f'kmeans2 K={k} cc'])} nats."
+            )
+
+    # 7. Distillation.
     name = next(n for n, v in r.items() if v["kind"] == "student")
     student, small = r[name], r["monolith (F/3)"]
-    teacher_name, teacher = best("kmeans2", student["k"])
+    teacher_name, teacher = best(f"kmeans2 K={student['k']}")
     outcome = compare(student, mono)
     lines.append(
-        "5. **A student distilled from the DDM matches a monolith trained from scratch, at a third of the FLOPs.** "
+        "7. **A student distilled from the DDM matches a monolith trained from scratch, at a third of the FLOPs.** "
         f"{per_k({student['k']: outcome}, good=('better', 'tied'))}. The student of the K={student['k']} k-means "
         f"DDM, {student['flops'] / 1e12:.3f} TFLOP of distillation (teacher passes included; its teachers cost "
         f"{student['teacher_flops'] / 1e12:.3f}): {fd(student)}; the monolith at F ({mono['flops'] / 1e12:.3f} "
@@ -562,7 +702,7 @@ def claims(r: dict, ev: dict, scale: Scale) -> tuple[list[str], list[str]]:
         else:
             reason = "too short a distillation: the student does not yet follow teachers that are good enough"
         notes.append(
-            f"Claim 5, most likely {reason}. Evidence: teacher ensemble {fd(teacher)} against the monolith's "
+            f"Claim 7, most likely {reason}. Evidence: teacher ensemble {fd(teacher)} against the monolith's "
             f"{fd(mono)}; student {fd(student)}, with a mean squared velocity gap to its teachers of "
             f"{student['teacher_mse']:.3f} after {student['steps']} steps."
         )
@@ -575,7 +715,7 @@ def plots(r: dict, grids: dict, report: Path, title: str) -> dict[str, Path]:
     ks = sorted({v["k"] for v in r.values() if v["kind"] == "ddm"})
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    mono = sorted((v for v in r.values() if v["kind"] == "monolith"), key=lambda v: v["flops"])
+    mono = sorted((v for v in r.values() if v["kind"] == "monolith" and not v["conditional"]), key=lambda v: v["flops"])
     ax.errorbar(
         [v["flops"] / 1e12 for v in mono],
         [v["fd"] for v in mono],
@@ -584,17 +724,23 @@ def plots(r: dict, grids: dict, report: Path, title: str) -> dict[str, Path]:
         label="monolith",
     )
     for k in ks:
-        pts = [v for v in r.values() if v["kind"] == "ddm" and v["k"] == k and v["routing"] == "top1"]
+        pts = [
+            v
+            for v in r.values()
+            if v["kind"] == "ddm" and v["k"] == k and v["routing"] == "ancestral" and not v["conditional"]
+        ]
         km = sorted((v for v in pts if v["partition"] == "kmeans2"), key=lambda v: v["flops"])
         ax.errorbar(
             [v["flops"] / 1e12 for v in km],
             [v["fd"] for v in km],
             [v["fd_std"] for v in km],
             fmt="-s",
-            label=f"DDM K={k}, k-means, top-1",
+            label=f"DDM K={k}, k-means, ancestral",
         )
         rnd = [v for v in pts if v["partition"] == "random"]
-        ax.scatter([v["flops"] / 1e12 for v in rnd], [v["fd"] for v in rnd], marker="x", label=f"K={k}, random, top-1")
+        ax.scatter(
+            [v["flops"] / 1e12 for v in rnd], [v["fd"] for v in rnd], marker="x", label=f"K={k}, random, ancestral"
+        )
     for v in r.values():
         if v["kind"] == "student":
             ax.scatter([v["flops"] / 1e12], [v["fd"]], marker="*", s=150, c="red", label="student (its own FLOPs)")
@@ -606,35 +752,44 @@ def plots(r: dict, grids: dict, report: Path, title: str) -> dict[str, Path]:
     fig.savefig(paths["fd_vs_flops"], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(ROUTINGS)
-    groups = [(p, k) for p in ("kmeans2", "random") for k in ks]
+    groups = sorted(
+        {(v["partition"], v["k"], v["conditional"]) for v in r.values() if v["kind"] == "ddm" and "F/3" not in str(v)},
+        key=lambda g: (g[2], g[0], g[1]),
+    )
+    groups = [g for g in groups if any(f"{g[0]} K={g[1]}{' cc' if g[2] else ''} {ro}" in r for ro in ROUTINGS)]
     for i, routing in enumerate(ROUTINGS):
-        rows = [(j, r.get(f"{p} K={k} {routing}")) for j, (p, k) in enumerate(groups)]
+        rows = [(j, r.get(f"{p} K={k}{' cc' if c else ''} {routing}")) for j, (p, k, c) in enumerate(groups)]
         rows = [(j, row) for j, row in rows if row is not None]
         ax.bar(
-            [j + (i - 1) * width for j, _ in rows],
+            [j + (i - 1.5) * width for j, _ in rows],
             [row["fd"] for _, row in rows],
             width,
             yerr=[row["fd_std"] for _, row in rows],
             label=routing,
         )
     ax.axhline(r["monolith (F)"]["fd"], color="k", linestyle="--", label="monolith (F)")
-    ax.set_xticks(range(len(groups)), [f"{'k-means' if p == 'kmeans2' else 'random'}\nK={k}" for p, k in groups])
+    if "monolith cc (F)" in r:
+        ax.axhline(r["monolith cc (F)"]["fd"], color="grey", linestyle=":", label="monolith cc (F)")
+    labels = [f"{'k-means' if p == 'kmeans2' else 'random'}\nK={k}{' cc' if c else ''}" for p, k, c in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
     ax.set_ylabel("Fréchet distance (lower is better)")
-    ax.set_title("Fréchet distance by routing, every model at budget F", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("Fréchet distance by routing, every DDM at budget F (cc: class-conditional)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths["fd_by_routing"], dpi=120)
     plt.close(fig)
 
-    shown = ["monolith (F)", *(f"kmeans2 K={k} top1" for k in ks), f"random K={max(ks)} top1"]
+    shown = ["monolith (F)", *(f"kmeans2 K={k} ancestral" for k in ks), f"kmeans2 K={ks[-1]} top1"]
+    shown += [n for n in ("monolith cc (F)",) if n in r]
     shown += [n for n, v in r.items() if v["kind"] == "student"]
     fig, axes = plt.subplots(1, len(shown), figsize=(2.4 * len(shown), 2.9))
     for ax, name in zip(np.atleast_1d(axes), shown, strict=True):
         with Image.open(grids[name]) as image:
             ax.imshow(np.asarray(image.convert("RGB")))
-        ax.set_title(f"{name}\nFD {r[name]['fd']:.1f}", fontsize=8)
+        ax.set_title(f"{name}\nFD {r[name]['fd']:.1f}", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(paths["samples"], dpi=120)
@@ -642,33 +797,40 @@ def plots(r: dict, grids: dict, report: Path, title: str) -> dict[str, Path]:
     return paths
 
 
+DESCRIPTIONS = {
+    "digits": "scikit-learn's {n} handwritten digits",
+    "fashion-mnist": "Fashion-MNIST's {n} training photographs (Zalando, 10 classes of clothing)",
+}
+
+
 def write_report(args, bench: Bench, evidence: dict, seconds: float, report: Path) -> None:
     s, r = bench.scale, bench.results
     shape = f"{bench.shape[1]}x{bench.shape[2]}"
-    title = f"digits {shape}, {s.preset} DiT, budget F = {evidence['budget'] / 1e12:.2f} TFLOP"
+    title = f"{bench.dataset_name} {shape}, {s.preset} DiT, budget F = {evidence['budget'] / 1e12:.2f} TFLOP"
     figures = plots(r, bench.grids, report, title)
     lines, notes = claims(r, evidence, s)
 
     table = [
-        "| model | K | routing | training TFLOP | sampling GFLOP / image | expert evals / step | Fréchet distance |"
-        " classes covered | rarest class |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | K | cc | routing | training TFLOP | sampling GFLOP / image | expert evals / step |"
+        " Fréchet distance | classes covered | rarest class |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in r.items():
         table.append(
-            f"| {name} | {v.get('k', '-')} | {v.get('routing', '-')} | {v['flops'] / 1e12:.3f} | "
-            f"{v['sampling_flops'] / 1e9:.3f} | {v['evals']:.2f} | {fd(v)} | {v['covered']}/10 | {v['rarest']:.1%} |"
+            f"| {name} | {v.get('k', '-')} | {'yes' if v.get('conditional') else 'no'} | {v.get('routing', '-')} | "
+            f"{v['flops'] / 1e12:.3f} | {v['sampling_flops'] / 1e9:.3f} | {v['evals']:.2f} | {fd(v)} | "
+            f"{v['covered']}/10 | {v['rarest']:.1%} |"
         )
     ddm = [
         "| DDM at F | cluster sizes (min / median / max) | steps per expert | passes over its cluster | router steps |"
-        " router share of FLOPs | router accuracy by t |",
-        "|---|---|---|---|---|---|---|",
+        " router share of FLOPs | router accuracy by t | KL(exact ‖ router) by t, nats |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, d in evidence["ddms"].items():
         ddm.append(
             f"| {name} | {' / '.join(map(str, d['sizes']))} | {d['expert_steps']} | "
-            f"{d['epochs'][0]:.0f}-{d['epochs'][1]:.0f} | {d['router_steps']} | {d['router_flops_share']:.1%} | "
-            f"{accuracy(d)} |"
+            f"{d['epochs'][0]:.1f}-{d['epochs'][1]:.1f} | {d['router_steps']} | {d['router_flops_share']:.1%} | "
+            f"{accuracy(d)} | {kl(d)} |"
         )
     resumed = (
         f"; {bench.reused} trainings or evaluations were reused from an earlier invocation in `{bench.out}`, so "
@@ -676,31 +838,38 @@ def write_report(args, bench: Bench, evidence: dict, seconds: float, report: Pat
         if bench.reused
         else f", {bench.training_seconds / 60:.1f} of them training"
     )
+    data = DESCRIPTIONS[bench.dataset_name].format(n=evidence["n"])
     text = [
-        f"# The paper's claims, measured on ddm ({bench.scale_name} scale)",
+        f"# The paper's claims, measured on ddm ({bench.dataset_name}, {bench.scale_name} scale)",
         "",
-        f"Generated by `python bench/paper_claims.py --scale {bench.scale_name} --seed {args.seed}` in "
-        f"{seconds / 60:.1f} minutes of wall time{resumed}.",
+        f"Generated by `python bench/paper_claims.py --dataset {bench.dataset_name} --scale {bench.scale_name} "
+        f"--seed {args.seed}` in {seconds / 60:.1f} minutes of wall time{resumed}.",
         "",
         f"Machine: {machine()}.",
         "",
         "## Setup",
         "",
-        f"scikit-learn's {evidence['n']} handwritten digits at {shape}. Every model (experts, monolith, student) "
-        f"is the `{s.preset}` DiT with batch {s.batch_size} and AdamW at {s.lr:g}, the same warmup and EMA; "
-        f"routers are `{s.router_preset}` at {bench.recipe.router_lr:g}. The budget F is {s.monolith_steps} "
-        f"monolith steps = {evidence['budget'] / 1e12:.3f} TFLOP (measured with FlopCounterMode: "
-        f"{evidence['per_step'] / 1e9:.3f} GFLOP per DiT step, {evidence['router_step'] / 1e9:.3f} per router "
-        f"step). Each DDM spends {s.router_share:.0%} of its budget on the router and splits the rest evenly "
-        "over its K experts, each trained on its own cluster only; the F/3 points are the first third of the "
-        "same runs (constant learning rate after warmup). The student learns from the K="
-        f"{s.distill_k} k-means DDM for F/3, its teachers' forward passes counted, with data weight "
-        f"{DEFAULT_DATA_WEIGHT}. Sampling: {s.seeds} seeds of {s.samples} images, {s.sampling_steps} Euler steps, "
-        "the same noise for every model. Fréchet distance is measured in the features of a classifier trained "
-        f"on the digits (held-out accuracy {evidence['feature_accuracy']:.1%}); real against real: "
+        f"{data} at {shape}. Every model (experts, monolith, student, router) is the `{s.preset}` DiT with batch "
+        f"{s.batch_size} and AdamW at {s.lr:g} (routers at {bench.recipe.router_lr:g}: a CLS-token head, "
+        "conditioned on the label in class-conditional ensembles), the same warmup and EMA. The budget F is "
+        f"{s.monolith_steps} monolith steps = {evidence['budget'] / 1e12:.3f} TFLOP (measured with "
+        f"FlopCounterMode: {evidence['per_step'] / 1e9:.3f} GFLOP per DiT step, {evidence['router_step'] / 1e9:.3f} "
+        f"per router step). Each DDM spends {s.router_share:.0%} of its budget on the router (the paper: about "
+        "4%) and splits the rest evenly over its K experts, each trained on its own cluster only; the F/3 points "
+        "are the first third of the same runs (constant learning rate after warmup). Class-conditional (cc) "
+        "models train with 10% label dropout and are sampled at the data's class mix without guidance, the "
+        "unconditional ones without labels. Routings: ancestral (one expert per sample drawn from the cluster "
+        "shares, or from p(k | y) given the class, run alone), full, top-2 and top-1 (re-chosen at every step by "
+        f"the router). The student learns from the K={s.distill_k} k-means DDM for F/3, its teachers' forward "
+        f"passes counted, with data weight {DEFAULT_DATA_WEIGHT}. Sampling: {s.seeds} seeds of {s.samples} "
+        f"images, {s.sampling_steps} Euler steps, the same noise for every model. Fréchet distance is measured "
+        "in the features of a classifier trained on the training set (accuracy "
+        f"{evidence['feature_accuracy']:.1%} on {evidence['feature_accuracy_on']}); real against real: "
         f"{evidence['floor']:.1f}. A class counts as covered when its share of the samples is at least half its "
         "share of the data. A model is better or worse than another only by more than the larger of their "
-        "seed-to-seed standard deviations; otherwise they are tied.",
+        "seed-to-seed standard deviations; otherwise they are tied. Router calibration: on "
+        f"{CALIBRATION_IMAGES} training images noised at each t, the router's accuracy and the mean KL "
+        "divergence from the exact posterior of the training set's empirical distribution to the router.",
         "",
         "## The claims",
         "",
@@ -716,8 +885,8 @@ def write_report(args, bench: Bench, evidence: dict, seconds: float, report: Pat
         "",
         "Sampling FLOPs are measured over a whole sampling run of 64 images, router included; expert evals per "
         "step count the rows dispatched to experts. The exact-posterior rows route the trained experts with "
-        "the training set's exact p(cluster | x_t) instead of the trained router: a diagnostic that separates "
-        "router error from expert error.",
+        "the training set's exact p(cluster | x_t[, y]) instead of the trained router: a diagnostic that "
+        "separates router error from expert error.",
         "",
         "## The DDMs",
         "",
@@ -735,20 +904,31 @@ def write_report(args, bench: Bench, evidence: dict, seconds: float, report: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--scale", choices=("smoke", "cpu", "gpu"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="work folder (default bench/out/paper_claims/SCALE)")
-    parser.add_argument("--report", type=Path, default=None, help="default bench/reports/paper_claims-SCALE.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default bench/out/paper_claims/...)")
+    parser.add_argument("--report", type=Path, default=None, help="default bench/reports/paper_claims-DATASET-SCALE.md")
     args = parser.parse_args()
-    scale = SCALES[args.scale]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = SCALES[args.dataset][args.scale]
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --scale {args.scale} needs a CUDA device; use --scale cpu here")
-    out = args.out or Path("bench/out/paper_claims") / f"{args.scale}-seed{args.seed}"
+    out = args.out or Path("bench/out/paper_claims") / f"{args.dataset}-{args.scale}-seed{args.seed}"
     # A smoke run checks the pipeline only: its report stays with its work files.
-    default = out / "report.md" if args.scale == "smoke" else Path(f"bench/reports/paper_claims-{args.scale}.md")
+    default = (
+        out / "report.md"
+        if args.scale == "smoke"
+        else Path(f"bench/reports/paper_claims-{args.dataset}-{args.scale}.md")
+    )
     report = args.report or default
     started = time.perf_counter()
-    bench = Bench(args.scale, scale, out, args.seed)
+    try:
+        bench = Bench(args.dataset, args.scale, scale, out, args.seed)
+    except DDMError as exc:
+        raise SystemExit(f"error: {exc}") from None
     evidence = bench.run()
     write_report(args, bench, evidence, time.perf_counter() - started, report)
 

@@ -3,7 +3,8 @@
 The network maps (x_t, t, y) to a tensor of the image's shape and knows nothing of the
 probability path: ``flow.py`` decides what that tensor means (a velocity).
 
-Sizes come from one table, ``PRESETS``: ``tiny`` (tests), ``small`` (the CPU demo) and the
+Sizes come from one table, ``PRESETS``: ``tiny`` (tests), ``small`` (the CPU demo; ``small/4``
+with patch 4 for 28x28 images on a CPU) and the
 DiT paper's S, B, L and XL widths with patch 2, 4 or 8 (``"B/2"``, ``"XL/2"``, ...). A model is
 rebuilt from its JSON config (``DiTConfig.to_dict`` / ``from_dict``) plus a safetensors file.
 """
@@ -44,6 +45,7 @@ def _paper_presets() -> dict[str, Trunk]:
 PRESETS: dict[str, Trunk] = {
     "tiny": Trunk(hidden=32, depth=2, heads=2, patch=2, mlp_ratio=2.0),
     "small": Trunk(hidden=64, depth=4, heads=4, patch=2),
+    "small/4": Trunk(hidden=64, depth=4, heads=4, patch=4),  # 28x28 images on a CPU: 49 tokens
     **_paper_presets(),
 }
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import Progress
 
@@ -35,6 +36,7 @@ class Recipe:
     router_lr: float = 1e-3  # the router loses its low-t signal at higher rates
     seed: int = 0
     device: str = "cpu"
+    class_conditional: bool = False  # experts and router conditioned on the class label
 
     def train_config(self, steps: int, seed_offset: int = 0, lr: float | None = None) -> TrainConfig:
         return TrainConfig(
@@ -46,11 +48,19 @@ class Recipe:
             checkpoint_every=max(steps // 4, 1),
         )
 
+    def num_classes(self, dataset: ImageDataset) -> int:
+        if self.class_conditional and not dataset.num_classes:
+            raise ValueError(f"a class-conditional recipe needs labels; {dataset.name} has none")
+        return dataset.num_classes if self.class_conditional else 0
+
     def expert_config(self, dataset: ImageDataset) -> DiTConfig:
-        return DiTConfig(self.expert_preset, dataset.image_size, dataset.channels, num_classes=0)
+        classes = self.num_classes(dataset)
+        return DiTConfig(self.expert_preset, dataset.image_size, dataset.channels, num_classes=classes)
 
     def router_config(self, dataset: ImageDataset, k: int) -> RouterConfig:
-        return RouterConfig(self.router_preset, dataset.image_size, dataset.channels, k)
+        return RouterConfig(
+            self.router_preset, dataset.image_size, dataset.channels, k, num_classes=self.num_classes(dataset)
+        )
 
 
 @dataclass
@@ -104,7 +114,8 @@ def train_ensemble(
         progress=progress,
         description="router",
     )
-    accuracy = accuracy_by_time(router_result.model, dataset.images, clusters, bins=5, seed=recipe.seed)
+    labels = dataset.labels if recipe.class_conditional else None
+    accuracy = accuracy_by_time(router_result.model, dataset.images, clusters, bins=5, seed=recipe.seed, labels=labels)
     router_path = out_dir / "router.safetensors"
     router_result.export(
         router_path, dataset.fingerprint(), metrics={"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy]}
@@ -135,8 +146,27 @@ def step_flops(dataset: ImageDataset, recipe: Recipe) -> int:
     return train_expert(dataset, recipe.expert_config(dataset), recipe.train_config(0), progress=False).flops_per_step
 
 
-def load_ensemble(expert_paths: list[Path], router_path: Path, device: str = "cpu") -> RoutedEnsemble:
-    """Rebuild a routed ensemble from verified checkpoint files, experts ordered by cluster id."""
+def cluster_shares(dataset: ImageDataset, clustering: Clustering) -> tuple[list[int], list[list[int]] | None]:
+    """What a manifest's shares hold: each cluster's size and, where the data has labels, the
+    (classes, clusters) table of counts that gives p(k | y)."""
+    sizes = [int(n) for n in clustering.sizes]
+    if dataset.labels is None:
+        return sizes, None
+    clusters = clustering.labels_for(dataset.ids)
+    table = np.zeros((dataset.num_classes, clustering.k), dtype=np.int64)
+    np.add.at(table, (dataset.labels.numpy(), clusters), 1)
+    return sizes, table.tolist()
+
+
+def load_ensemble(
+    expert_paths: list[Path],
+    router_path: Path,
+    device: str = "cpu",
+    prior: list[int] | None = None,
+    class_prior: list[list[int]] | None = None,
+) -> RoutedEnsemble:
+    """Rebuild a routed ensemble from verified checkpoint files, experts ordered by cluster id,
+    with the clusters' shares (``cluster_shares``) for ancestral routing."""
     experts = {}
     for path in expert_paths:
         model, info = load_checkpoint(path, expect_kind="expert", device=device)
@@ -145,7 +175,7 @@ def load_ensemble(expert_paths: list[Path], router_path: Path, device: str = "cp
     k = info.model["num_clusters"]
     if sorted(experts) != list(range(k)):
         raise ValueError(f"the router routes over {k} clusters but the experts cover clusters {sorted(experts)}")
-    return RoutedEnsemble([experts[i] for i in range(k)], router)
+    return RoutedEnsemble([experts[i] for i in range(k)], router, prior, class_prior)
 
 
 DRAW_STREAM = 1 << 40  # offset of the per-sample draws' seed from the noise's
