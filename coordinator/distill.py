@@ -8,8 +8,15 @@ one DiT (``ddm_model.distill``), each training sample taught by its cluster's ex
 
 - shared mode: the clustered dataset (the router's own data, ``assemble.cluster_data``), with
   the flow-matching term weighted by ``data_weight``;
-- siloed mode, where it holds no data: samples drawn from each expert
-  (``assemble.samples_from_experts``, as for the router), velocity regression only.
+- siloed mode, where it holds no data: ``router_samples`` samples per expert in all, drawn from
+  the experts themselves (``ddm_model.distill.teacher_samples``), as many from each as its
+  share of the data where the manifest carries the islands' ``shares`` (else equally), each
+  for a class drawn from that expert's class counts (else uniformly) when the experts are
+  class-conditional; velocity regression only.
+
+A class-conditional ensemble (the experts' config has ``num_classes``) gives a class-conditional
+student with the experts' config: it is taught per label, with the experts' label dropout, so
+it samples with a class and classifier-free guidance like the experts.
 
 Resume state lives under HOME/work/student-<teacher ensemble>-<settings digest>, so a stopped
 run continues and a finished one is not trained again. The student goes into the artifact
@@ -27,10 +34,19 @@ import json
 import threading
 from dataclasses import dataclass
 
+import torch
 from rich.progress import Progress
 
 from ddm_model.checkpoint import CheckpointError, load_checkpoint
-from ddm_model.distill import DEFAULT_DATA_WEIGHT, teacher_gap, train_student
+from ddm_model.data import ImageDataset
+from ddm_model.distill import (
+    DEFAULT_DATA_WEIGHT,
+    class_probabilities,
+    teacher_counts,
+    teacher_gap,
+    teacher_samples,
+    train_student,
+)
 from ddm_model.dit import DiTConfig
 from ddm_model.errors import DDMError
 from ddm_model.flops import count_flops
@@ -38,7 +54,7 @@ from ddm_model.train import TrainConfig
 from protocol.manifest import members
 from protocol.trust import TrustError, canonical_json, sha256_file, verify_signature
 
-from .assemble import cluster_data, samples_from_experts
+from .assemble import cluster_data
 from .home import Home
 from .keys import SigningKey
 from .registry import Registry
@@ -123,11 +139,15 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     sampling_flops = 0
     if siloed:
         drawn = []
-        sampling_flops = count_flops(lambda: drawn.append(samples_from_experts(config, teachers)))
+        sampling_flops = count_flops(
+            lambda: drawn.append(siloed_data(config, manifest, teachers, student_cfg.num_classes, opts.device))
+        )
         data, teacher_of, source = drawn[0]
     else:
         data, teacher_of = cluster_data(home, config, manifest["router"]["clusters"])
         source = "the clustered dataset"
+        if student_cfg.num_classes and data.labels is None:
+            raise DistillError(f"the experts are class-conditional but the dataset {config.dataset} has no labels")
     settings = {"student": student_cfg.to_dict(), "data_weight": data_weight, "train": train.run_identity()}
     digest = hashlib.sha256(canonical_json(settings)).hexdigest()[:12]
     result = train_student(
@@ -143,20 +163,16 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
         description="student",
         stop=stop,
     )
-    gap = teacher_gap(
-        result.model,
-        teachers,
-        data.images[:GAP_SAMPLES].to(opts.device),
-        teacher_of[:GAP_SAMPLES],
-        train.times,
-        seed=train.seed,
-    )
-    metrics = {
-        "teacher_mse": round(gap, 6),
-        "data_weight": data_weight,
-        "trained_on": source,
-        "data_sampling_flops": sampling_flops,
-    }
+    images, gap_teachers = data.images[:GAP_SAMPLES].to(opts.device), teacher_of[:GAP_SAMPLES]
+    labels = None if not student_cfg.num_classes else data.labels[:GAP_SAMPLES]
+
+    def gap(y):
+        return round(teacher_gap(result.model, teachers, images, gap_teachers, train.times, train.seed, labels=y), 6)
+
+    metrics = {"teacher_mse": gap(labels)}
+    if labels is not None:  # the null label's gap: how well the student serves guidance
+        metrics["teacher_mse_unconditional"] = gap(torch.full_like(labels, student_cfg.num_classes))
+    metrics.update(data_weight=data_weight, trained_on=source, data_sampling_flops=sampling_flops)
     staged = home.work / f"student-{teacher_ensemble_id}-{digest}.safetensors"
     info = result.export(staged, data.fingerprint() if not siloed else "", metrics=metrics, kind="student")
     sha, size = store.add_file(staged, move=True)
@@ -181,6 +197,42 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     report.ensemble_id = registry.publish_student(latest.id, sha, size, sign)
     report.published = True
     return report
+
+
+def siloed_data(config, manifest: dict, teachers: list, num_classes: int, device: str):
+    """Siloed mode: samples drawn from the experts, in proportion to the manifest's cluster
+    shares (and per-class counts) where it carries them. Returns the data, each sample's
+    teacher and a description."""
+    found = manifest.get("shares")
+    found = {} if found is None else found
+    if not isinstance(found, dict):
+        raise DistillError("the published manifest's shares are not a JSON object")
+    cluster_shares, class_shares = found.get("clusters"), found.get("classes")
+    shape = (config.model["in_channels"], config.model["image_size"], config.model["image_size"])
+    total, steps = config.router_samples * len(teachers), config.router_sampling_steps
+    try:
+        teacher_counts(total, cluster_shares, len(teachers))
+        if num_classes:
+            class_probabilities(class_shares, len(teachers), num_classes)
+    except (DDMError, TypeError, ValueError, RuntimeError) as exc:
+        raise DistillError(f"the published manifest's shares cannot be used: {exc}") from None
+    images, teacher_of, labels = teacher_samples(
+        teachers,
+        total,
+        shape,
+        steps=steps,
+        seed=config.router_train["seed"],
+        device=device,
+        cluster_shares=cluster_shares,
+        num_classes=num_classes,
+        class_shares=class_shares if num_classes else None,
+    )
+    data = ImageDataset(images, torch.arange(total, dtype=torch.int64), labels, num_classes, name="expert samples")
+    split = f"by the cluster shares ({found.get('source', 'unnamed source')})" if cluster_shares else "equally"
+    classes = ""
+    if num_classes:
+        classes = ", classes by each expert's class counts" if class_shares else ", classes uniformly"
+    return data, teacher_of, f"{total} samples drawn from the experts, split {split}{classes} ({steps} Euler steps)"
 
 
 def describe(report: DistillReport) -> str:

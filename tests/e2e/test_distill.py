@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.distill import DistillError, DistillOptions, distill
-from coordinator.home import Home
+from coordinator.distill import DistillError, DistillOptions, distill, siloed_data
+from coordinator.home import CoordinatorConfig, Home
+from ddm_model.dit import DiT, DiTConfig
+from ddm_model.train import seeded
 from protocol.trust import verify_signature
 from tests.e2e.conftest import sha256_of, wait_for
 
@@ -136,3 +138,46 @@ def test_distill_publishes_a_signed_student_that_resumes_and_samples(coordinator
         distill(home, DistillOptions(steps=30), progress=False)
     bad = run("ddm-coordinator", "distill", "--home", coord.home, "--steps", "30")
     assert bad.returncode == 2 and "does not match the signed manifest" in one_line(bad.stderr)
+
+
+def siloed_config(model: dict, per_expert: int) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        dataset="",
+        dataset_fingerprint="",
+        image_size=8,
+        experts=2,
+        clustering={},
+        model=model,
+        train={},
+        router_model={},
+        router_train={"seed": 3},
+        mode="siloed",
+        router_samples=per_expert,
+        router_sampling_steps=2,
+    )
+
+
+def test_siloed_distillation_draws_from_the_experts_by_the_manifest_shares():
+    """No islands needed: the data a siloed coordinator distills on, from real class-conditional
+    experts and a manifest's ``shares``."""
+    cfg = DiTConfig("tiny", 8, 1, num_classes=3)
+    experts = [seeded(DiT, cfg, 10 + k).eval() for k in range(2)]
+    config = siloed_config(cfg.to_dict(), per_expert=20)
+    shares = {"source": "islands", "clusters": [30, 10], "classes": [[0, 20, 10], [10, 0, 0]]}
+    data, teacher_of, source = siloed_data(config, {"shares": shares}, experts, cfg.num_classes, "cpu")
+    assert torch.bincount(teacher_of).tolist() == [30, 10]
+    assert set(data.labels[teacher_of == 0].tolist()) == {1, 2} and data.labels[teacher_of == 1].tolist() == [0] * 10
+    assert data.num_classes == 3 and data.images.shape == (40, 1, 8, 8)
+    assert source == (
+        "40 samples drawn from the experts, split by the cluster shares (islands),"
+        " classes by each expert's class counts (2 Euler steps)"
+    )
+    # An older manifest without shares: equal counts, classes drawn uniformly.
+    data, teacher_of, source = siloed_data(config, {}, experts, cfg.num_classes, "cpu")
+    assert torch.bincount(teacher_of).tolist() == [20, 20] and set(data.labels.tolist()) == {0, 1, 2}
+    assert "split equally, classes uniformly" in source
+    # Unusable shares are refused in one line before any sampling.
+    for bad in ({"clusters": [1, 2, 3]}, {"clusters": [1, 1], "classes": [[1, 1, 1, 1], [1]]}, []):
+        with pytest.raises(DistillError, match="shares") as refused:
+            siloed_data(config, {"shares": bad}, experts, cfg.num_classes, "cpu")
+        assert "\n" not in str(refused.value)
