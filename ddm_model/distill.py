@@ -50,7 +50,7 @@ from .data import ImageDataset
 from .dit import DiT, DiTConfig
 from .ensemble import mix, shares
 from .errors import UsageError
-from .flow import TimeSampler, Velocity, call_velocity, integrate, noised
+from .flow import TimeSampler, Velocity, call_velocity, drop_labels, integrate, noised
 from .train import Objective, ProgressCallback, TrainConfig, TrainError, TrainResult, fit, seeded
 
 DEFAULT_DATA_WEIGHT = 0.25
@@ -68,13 +68,6 @@ def teacher_velocity(
     with torch.no_grad():
         choice = F.one_hot(teacher_of, len(teachers)).to(xt.dtype)
         return mix(teachers, xt, t, choice, y)
-
-
-def drop_labels(y: torch.Tensor, rate: float, null_label: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Label dropout for classifier-free guidance: each label becomes the null label with
-    probability ``rate``."""
-    drop = torch.rand(y.shape[0], generator=generator, device=y.device) < rate
-    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def distill_objective(

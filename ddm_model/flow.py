@@ -85,6 +85,13 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
+def drop_labels(y: torch.Tensor, rate: float, null_label: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label becomes the null label with
+    probability ``rate``."""
+    drop = torch.rand(y.shape[0], generator=generator, device=y.device) < rate
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
 # ---------------------------------------------------------------------------------------------
 # ODE samplers
 

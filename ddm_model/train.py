@@ -29,7 +29,7 @@ from .data import ImageDataset
 from .dit import DiT, DiTConfig
 from .errors import DDMError
 from .flops import count_flops
-from .flow import TimeSampler, flow_matching_loss
+from .flow import TimeSampler, drop_labels, flow_matching_loss
 from .fsutil import atomic_path
 from .progress import maybe_progress
 from .router import Router, RouterConfig, router_loss
@@ -318,8 +318,7 @@ def expert_objective(model_cfg: DiTConfig, times: TimeSampler) -> Objective:
     def objective(model, x, y, generator):
         if y is not None:
             # Label dropout for classifier-free guidance: some samples see the null label.
-            drop = torch.rand(y.shape[0], generator=generator, device=y.device) < model_cfg.class_dropout
-            y = torch.where(drop, torch.full_like(y, model_cfg.num_classes), y)
+            y = drop_labels(y, model_cfg.class_dropout, model_cfg.num_classes, generator)
         return flow_matching_loss(model, x, times, generator, y)
 
     return objective
@@ -412,8 +411,7 @@ def train_router(
         if not conditional:
             return router_loss(router, x, target, times, generator)
         y = target[:, 1]
-        drop = torch.rand(y.shape[0], generator=generator, device=y.device) < router_cfg.class_dropout
-        y = torch.where(drop, torch.full_like(y, router_cfg.num_classes), y)
+        y = drop_labels(y, router_cfg.class_dropout, router_cfg.num_classes, generator)
         return router_loss(router, x, target[:, 0], times, generator, y)
 
     return fit(
