@@ -85,7 +85,8 @@ class Scale:
     """Everything that sets the size of a run."""
 
     image_size: int | None  # images resized to this side (None: native)
-    preset: str  # experts, monolith, student and router alike (the paper's router is a DiT-B/2)
+    preset: str  # experts, monolith and student alike
+    router_preset: str  # smaller than the experts', as the paper's DiT-B/2 router beside DiT-XL/2 experts
     batch_size: int
     lr: float
     monolith_steps: int  # sets the budget F
@@ -104,16 +105,20 @@ class Scale:
 
 SCALES = {
     "digits": {
-        "smoke": Scale(None, "tiny", 64, 3e-3, 150, 0.04, (2, 4), (4,), (4,), (4,), 4, 200, 2, 5, "cpu"),
+        "smoke": Scale(None, "tiny", "tiny", 64, 3e-3, 150, 0.04, (2, 4), (4,), (4,), (4,), 4, 200, 2, 5, "cpu"),
         "cpu": Scale(
             None, "small", 64, 3e-3, 5000, 0.04, (2, 4, 8), (2, 4, 8), (2, 4, 8), (2, 4, 8), 4, 1500, 2, 20, "cpu"
         ),
-        "gpu": Scale(16, "S/2", 256, 1e-3, 8000, 0.04, (2, 4, 8), (2, 4, 8), (2, 4, 8), (4,), 4, 5000, 3, 20, "cuda"),
+        "gpu": Scale(
+            16, "S/2", "small", 256, 1e-3, 8000, 0.04, (2, 4, 8), (2, 4, 8), (2, 4, 8), (4,), 4, 5000, 3, 20, "cuda"
+        ),
     },
     "fashion-mnist": {
-        "smoke": Scale(None, "tiny", 64, 3e-3, 100, 0.04, (4,), (4,), (4,), (), 4, 200, 2, 5, "cpu", 3000),
-        "cpu": Scale(None, "small/4", 64, 3e-3, 2500, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 1000, 2, 20, "cpu"),
-        "gpu": Scale(32, "S/2", 256, 1e-3, 20000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 5000, 3, 20, "cuda"),
+        "smoke": Scale(None, "tiny", "tiny", 64, 3e-3, 100, 0.04, (4,), (4,), (4,), (), 4, 200, 2, 5, "cpu", 3000),
+        "cpu": Scale(
+            None, "small/4", "tiny", 64, 3e-3, 2500, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 1000, 2, 20, "cpu"
+        ),
+        "gpu": Scale(32, "S/2", "S/4", 256, 1e-3, 20000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 5000, 3, 20, "cuda"),
     },
 }
 
@@ -182,7 +187,7 @@ class Bench:
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.recipe = Recipe(
             expert_preset=scale.preset,
-            router_preset=scale.preset,
+            router_preset=scale.router_preset,
             batch_size=scale.batch_size,
             lr=scale.lr,
             router_lr=min(scale.lr, 1e-3),
@@ -849,9 +854,11 @@ def write_report(args, bench: Bench, evidence: dict, seconds: float, report: Pat
         "",
         "## Setup",
         "",
-        f"{data} at {shape}. Every model (experts, monolith, student, router) is the `{s.preset}` DiT with batch "
-        f"{s.batch_size} and AdamW at {s.lr:g} (routers at {bench.recipe.router_lr:g}: a CLS-token head, "
-        "conditioned on the label in class-conditional ensembles), the same warmup and EMA. The budget F is "
+        f"{data} at {shape}. Every model (experts, monolith, student) is the `{s.preset}` DiT with batch "
+        f"{s.batch_size} and AdamW at {s.lr:g}, the same warmup and EMA; routers are the smaller `{s.router_preset}` "
+        f"(as the paper's DiT-B/2 router beside DiT-XL/2 experts) at {bench.recipe.router_lr:g}, with a CLS-token "
+        "head, conditioned on the label in class-conditional ensembles, warmed up over a tenth of their steps. "
+        "The budget F is "
         f"{s.monolith_steps} monolith steps = {evidence['budget'] / 1e12:.3f} TFLOP (measured with "
         f"FlopCounterMode: {evidence['per_step'] / 1e9:.3f} GFLOP per DiT step, {evidence['router_step'] / 1e9:.3f} "
         f"per router step). Each DDM spends {s.router_share:.0%} of its budget on the router (the paper: about "

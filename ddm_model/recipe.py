@@ -38,7 +38,9 @@ class Recipe:
     device: str = "cpu"
     class_conditional: bool = False  # experts and router conditioned on the class label
 
-    def train_config(self, steps: int, seed_offset: int = 0, lr: float | None = None) -> TrainConfig:
+    def train_config(
+        self, steps: int, seed_offset: int = 0, lr: float | None = None, warmup: int | None = None
+    ) -> TrainConfig:
         return TrainConfig(
             steps=steps,
             batch_size=self.batch_size,
@@ -46,6 +48,7 @@ class Recipe:
             seed=self.seed + seed_offset,
             device=self.device,
             checkpoint_every=max(steps // 4, 1),
+            **({} if warmup is None else {"warmup": warmup}),
         )
 
     def num_classes(self, dataset: ImageDataset) -> int:
@@ -61,6 +64,12 @@ class Recipe:
         return RouterConfig(
             self.router_preset, dataset.image_size, dataset.channels, k, num_classes=self.num_classes(dataset)
         )
+
+
+def router_warmup(steps: int) -> int:
+    """A router budgeted as a share of the experts' FLOPs may run only a few hundred steps:
+    its warmup is a tenth of them, at most the default 100."""
+    return max(1, min(TrainConfig.warmup, steps // 10))
 
 
 @dataclass
@@ -109,7 +118,12 @@ def train_ensemble(
         dataset,
         clusters,
         recipe.router_config(dataset, clustering.k),
-        recipe.train_config(recipe.router_steps, seed_offset=clustering.k, lr=recipe.router_lr),
+        recipe.train_config(
+            recipe.router_steps,
+            seed_offset=clustering.k,
+            lr=recipe.router_lr,
+            warmup=router_warmup(recipe.router_steps),
+        ),
         checkpoint_dir=out_dir / "work" / "router",
         progress=progress,
         description="router",
