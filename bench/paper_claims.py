@@ -66,6 +66,7 @@ from ddm_model.recipe import (
     cluster_shares,
     generate,
     load_ensemble,
+    router_warmup,
     step_flops,
     train_ensemble,
     train_monolith,
@@ -264,7 +265,11 @@ class Bench:
         else:
             router_steps = max(1, int(self.scale.router_share * budget / router_step))
             expert_steps = (budget - router_steps * router_step) // (k * per_step)
-            recipe = dataclasses.replace(recipe, expert_steps=expert_steps, router_steps=router_steps)
+            # F/3 is the prefix of the F run: both warm the router up as the F run does.
+            final_steps = max(1, int(self.scale.router_share * self.budget_f / router_step))
+            recipe = dataclasses.replace(
+                recipe, expert_steps=expert_steps, router_steps=router_steps, router_warmup=router_warmup(final_steps)
+            )
             started = time.perf_counter()
             trained = train_ensemble(self.dataset, clustering, recipe, folder, progress=bar)
             self.training_seconds += time.perf_counter() - started
@@ -429,6 +434,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.evaluator = Evaluator.build(self.dataset, seed=self.seed, test=self.test)
         budget, per_step, router_step = self.budget()
+        self.budget_f = budget
         third = budget // 3
         evidence: dict = {"budget": budget, "per_step": per_step, "router_step": router_step, "ddms": {}}
         trained: dict[tuple[str, int, bool], Trained] = {}

@@ -37,6 +37,7 @@ class Recipe:
     seed: int = 0
     device: str = "cpu"
     class_conditional: bool = False  # experts and router conditioned on the class label
+    router_warmup: int | None = None  # default: router_warmup(router_steps)
 
     def train_config(
         self, steps: int, seed_offset: int = 0, lr: float | None = None, warmup: int | None = None
