@@ -123,7 +123,7 @@ def train_ensemble(
             recipe.router_steps,
             seed_offset=clustering.k,
             lr=recipe.router_lr,
-            warmup=router_warmup(recipe.router_steps),
+            warmup=recipe.router_warmup or router_warmup(recipe.router_steps),
         ),
         checkpoint_dir=out_dir / "work" / "router",
         progress=progress,
