@@ -46,3 +46,17 @@ def test_class_conditional_ensemble_trains_and_samples_each_class(tmp_path):
         home = int(np.argmax(table[c]))
         choice = ensemble.draw_experts(200, torch.full((200,), c), torch.Generator().manual_seed(0))
         assert (choice == home).all()
+
+
+def test_a_longer_run_resumes_its_router_with_the_warmup_fixed_by_the_recipe(tmp_path):
+    """paper_claims trains F/3 and then resumes to F: the router's warmup must not change."""
+    import dataclasses
+
+    digits = load_digits()
+    clustering = cluster_dataset(digits, 2, seed=0)
+    recipe = Recipe("tiny", "tiny", expert_steps=2, router_steps=20, router_warmup=5)
+    train_ensemble(digits, clustering, recipe, tmp_path, progress=False)
+    longer = train_ensemble(
+        digits, clustering, dataclasses.replace(recipe, expert_steps=3, router_steps=60), tmp_path, progress=False
+    )
+    assert longer.router_result.resumed_from == 20 and longer.router_result.steps == 60
