@@ -245,8 +245,11 @@ def render_status(status: dict, console: Console) -> None:
         deadline = f"in {left:.0f} s" if left is not None else lease["deadline"]
         leases.add_row(lease["id"], str(lease["expert_id"]), lease["island_id"], lease["state"], deadline)
     r, e = status["router"], status["ensemble"]
-    steps = r["steps"] if r["steps"] is not None else f"? ({status['coordinator']['router_budget']})"
-    tail = f"router: {r['state']} ({r['step']}/{steps} steps)   ensemble: {e['state']}"
+    if r["steps"] is None:
+        progress = f"steps: {status['coordinator']['router_budget']}, chosen at assembly"
+    else:
+        progress = f"{r['step']}/{r['steps']} steps"
+    tail = f"router: {r['state']} ({progress})   ensemble: {e['state']}"
     if e.get("manifest_sha256"):
         tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
     if e.get("reason"):
