@@ -92,6 +92,7 @@ def test_a_class_conditional_ensemble_samples_the_class_asked_for(coordinator, s
     one_line_error(sample("--cfg", "2"), "give --class")
 
 
+@pytest.mark.slow
 def test_class_conditioning_needs_labelled_data(run, tmp_path):
     data = tmp_path / "unlabelled.npz"
     np.savez(data, images=np.zeros((40, 8, 8), dtype=np.uint8))
