@@ -86,6 +86,12 @@ def join(
     tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),
     tls_client_key: Path = typer.Option(None, help=TLS_CLIENT_KEY_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    share_counts: bool = typer.Option(
+        False,
+        "--share-counts",
+        help="Siloed mode: report this island's sample count (and per-class counts) with its checkpoint, so the"
+        " ensemble draws its expert in proportion to the data; without it the coordinator uses uniform shares.",
+    ),
 ) -> None:
     """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
     from .island import JoinOptions, run_island
@@ -105,6 +111,7 @@ def join(
                 threads=threads,
                 tls=tls,
                 data=data,
+                share_counts=share_counts,
             )
         )
     except (DDMError, TrustError, OSError) as exc:
@@ -144,7 +151,18 @@ def download(
 def sample(
     folder: Path = typer.Argument(..., help="A folder written by `ddm-client download`."),
     n: int = typer.Option(64, "--n", min=1, help="Number of samples (the PNG shows the first 100)."),
-    routing: str = typer.Option("top2", help="full, top1, top2, ... (the ensemble only)."),
+    routing: str = typer.Option(
+        "ancestral",
+        help="ancestral (one expert per sample, drawn from the signed cluster shares, or p(k | class) with --class;"
+        " no router needed), or per step: full, top1, top2, ... (the ensemble only).",
+    ),
+    class_label: int = typer.Option(
+        None,
+        "--class",
+        help="Sample only this class (class-conditional ensembles). Without it, samples use the null label"
+        " (unconditional), following the data's class balance.",
+    ),
+    cfg: float = typer.Option(1.0, "--cfg", help="Classifier-free guidance scale towards --class (1.0: none)."),
     model: str = typer.Option("ensemble", help="ensemble (the routed experts) or student (the distilled model)."),
     steps: int = typer.Option(20, min=1, help="ODE steps."),
     sampler: str = typer.Option("euler", help="euler or heun."),
@@ -161,7 +179,7 @@ def sample(
 
     try:
         trusted = {fingerprint} if fingerprint else IslandState(state_dir(state_dir_)).pinned_keys()
-        opts = SampleOptions(n, routing, steps, sampler, seed, device, model)
+        opts = SampleOptions(n, routing, steps, sampler, seed, device, model, class_label, cfg)
         path = sample_to_files(folder, trusted, opts, out_file, npz)
     except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))

@@ -29,6 +29,7 @@ from ddm_model.fsutil import atomic_path
 from ddm_model.progress import transfer_bar
 from protocol import ddm_pb2 as pb
 from protocol.manifest import Member, members
+from protocol.shares import check_shares
 from protocol.trust import TrustError, key_fingerprint, sha256_file, verify_signature
 
 from .connection import Connection
@@ -134,11 +135,16 @@ def _load(folder: Path, member: Member, device: str):
 
 
 def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
-    """The routed ensemble of a folder that ``verified_members`` accepts, and its manifest."""
+    """The routed ensemble of a folder that ``verified_members`` accepts, and its manifest. The
+    manifest's shares (uniform when it has none) become the ensemble's p(k) and, with per-class
+    counts, p(k | y): the (classes, experts) table is the transpose of the per-expert counts."""
     wanted, manifest = verified_members(folder, trusted)
     router = _load(folder, wanted[0], device)
     experts = [_load(folder, m, device) for m in wanted if m.kind == "expert"]
-    return RoutedEnsemble(experts, router), manifest
+    shares = check_shares(manifest.get("shares"), len(experts))  # checked by members() already
+    classes = shares["classes"]
+    class_prior = [list(row) for row in zip(*classes, strict=True)] if classes and classes[0] else None
+    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest
 
 
 def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, dict]:

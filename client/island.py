@@ -31,6 +31,7 @@ from ddm_model.train import TrainConfig, TrainStopped, train_expert
 from protocol import ddm_pb2 as pb
 from protocol.address import is_loopback, split_address
 from protocol.limits import MAX_NAME_CHARS, MAX_REASON_CHARS
+from protocol.shares import COUNTS_KEY
 from protocol.trust import TrustError, is_sha256, key_fingerprint, verify_signature
 
 from .connection import ClientError, Connection
@@ -67,6 +68,7 @@ class JoinOptions:
     fingerprint: str | None = None  # pin the coordinator's key at enrollment
     threads: int | None = None
     tls: TlsSettings | None = None  # the TLS flags given; see tls_for
+    share_counts: bool = False  # siloed mode: report the data's sample (and class) counts with the checkpoint
 
 
 def tls_for(state: IslandState, coordinator: str, flags: TlsSettings | None) -> TlsSettings:
@@ -206,23 +208,45 @@ def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDatas
     """The island's own data, checked against the model's image shape before any training."""
     if not path:
         raise ClientError("this coordinator runs in siloed mode: pass --data PATH (your own image folder or .npz)")
-    data = load_dataset(path, labels=False)
     model = DiTConfig.from_dict(json.loads(lease.model_config_json))
+    # Labels are read only for a class-conditional model: they are all it uses them for.
+    data = load_dataset(path, labels=bool(model.num_classes))
     want = (model.in_channels, model.image_size, model.image_size)
     have = (data.channels, data.image_size, data.image_size)
-    if have != want:
+
+    def refuse(reason: str, message: str):
         # The coordinator hears only that the data does not fit, not what it is.
-        reason = f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images"
         conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
-        raise ClientError(
+        raise ClientError(message)
+
+    if have != want:
+        refuse(
+            f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images",
             f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
-            f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)"
+            f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)",
+        )
+    if model.num_classes and data.labels is None:
+        refuse(
+            "the island's data has no class labels for the class-conditional model",
+            f"{path} has no class labels, and this coordinator's model is class-conditional ({model.num_classes}"
+            " classes): give an .npz with a 'labels' array or an image folder with one subfolder per class",
+        )
+    if model.num_classes and data.num_classes > model.num_classes:
+        refuse(
+            f"the island's labels do not fit the model's {model.num_classes} classes",
+            f"{path} has labels up to {data.num_classes - 1}; this coordinator's model has classes 0 to"
+            f" {model.num_classes - 1}",
         )
     return data
 
 
 def fetch_data(
-    conn: Connection, lease: pb.Lease, state: IslandState, local: str | None, silo: str | None = None
+    conn: Connection,
+    lease: pb.Lease,
+    state: IslandState,
+    local: str | None,
+    silo: str | None = None,
+    share_counts: bool = False,
 ) -> ImageDataset:
     """The lease's cluster: the island's own data (siloed), or a shard or index list verified
     against the fingerprints the coordinator sent (shared)."""
@@ -230,6 +254,8 @@ def fetch_data(
         return load_silo(conn, lease, silo)
     if silo:
         raise ClientError("--data is for siloed coordinators; this one shares its dataset (drop --data)")
+    if share_counts:
+        raise ClientError("--share-counts is for siloed coordinators; this one knows its clusters' sizes (drop it)")
     if lease.WhichOneof("data") == "shard":
         if not is_sha256(lease.shard.sha256):
             raise ClientError("the coordinator sent a malformed shard address")
@@ -292,9 +318,19 @@ def train_lease(
         raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
     if result.resumed_from:
         console.print(f"expert {lease.expert_id}: resumed from local step {result.resumed_from}", highlight=False)
-    # A siloed island sends no fingerprint of its data, not even a hash.
-    result.export(out, "" if siloed(lease) else data.fingerprint(), cluster_id=lease.cluster_id)
+    # A siloed island sends no fingerprint of its data, not even a hash; its counts only if it opts in.
+    metrics = {COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if opts.share_counts else None
+    result.export(out, "" if siloed(lease) else data.fingerprint(), cluster_id=lease.cluster_id, metrics=metrics)
     return out
+
+
+def data_counts(data: ImageDataset, num_classes: int) -> dict:
+    """What `join --share-counts` reports (protocol/shares.py): the sample count, and for a
+    class-conditional model the count of each class."""
+    counts = {"samples": len(data)}
+    if num_classes:
+        counts["class_counts"] = torch.bincount(data.labels, minlength=num_classes).tolist()
+    return counts
 
 
 def upload_lease(conn: Connection, lease: pb.Lease, identity: Identity, checkpoint: Path, state: IslandState) -> str:
@@ -343,7 +379,7 @@ def run_island(opts: JoinOptions) -> int:
                 f"lease {lease.lease_id}: expert {lease.expert_id} on cluster {lease.cluster_id}",
                 highlight=False,
             )
-            data = fetch_data(conn, lease, state, opts.dataset, opts.data)
+            data = fetch_data(conn, lease, state, opts.dataset, opts.data, opts.share_counts)
             heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)
             heartbeat.start()  # beats through training and upload alike
             try:

@@ -4,8 +4,15 @@ Once every expert is signed (or on `ddm-coordinator assemble`, with the experts 
 far, at least two), the coordinator trains the router with ddm_model: on the clustered dataset
 in shared mode, and in siloed mode, where it holds no data, on samples drawn from the experts
 themselves. It stores the router as an artifact and publishes a manifest that names the router
-and the experts by sha256, signed as a whole. Router training keeps resume state under HOME/work, so a
-coordinator restarted mid-way continues where it stopped.
+and the experts by sha256, signed as a whole. Router training keeps resume state under HOME/work,
+so a coordinator restarted mid-way continues where it stopped.
+
+The router's steps are fixed by `init --router-steps`, or else chosen here to cost
+``config.router_share`` of the signed experts' training FLOPs (each signed entry carries its
+own); the manifest's router entry says how (``budget``). The manifest also carries the experts'
+shares of the data (protocol/shares.py), so that any downloader can route ancestrally: the
+cluster sizes and per-class counts in shared mode; in siloed mode the counts islands reported
+with ``join --share-counts`` when every signed expert did, else uniform shares.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from ddm_model.checkpoint import load_checkpoint
 from ddm_model.clustering import Clustering
 from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.errors import DDMError
-from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples
-from ddm_model.train import TrainConfig, train_router
+from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples, router_steps_for
+from ddm_model.train import TrainConfig, router_step_flops, train_router
+from protocol.shares import uniform
 from protocol.trust import MANIFEST_FORMAT
 
 from .faults import fault_point
@@ -79,23 +87,38 @@ class Assembler:
         signed = [e for e in self.registry.experts() if e.state == "signed"]
         if len(signed) < 2:
             raise AssembleError(f"an ensemble needs at least 2 signed experts; {len(signed)} are signed")
+        entries = [json.loads(e.entry_json) for e in signed]
+        router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(signed)})
         router_train = TrainConfig.from_dict(self.config.router_train)
+        budget = router_budget(self.config, router_cfg, router_train, entries)
+        router_train.steps = budget["steps"]
         ensemble_id = self.registry.start_ensemble(len(signed), router_train.steps)
         try:
-            return self._assemble(ensemble_id, signed, router_train, progress)
+            return self._assemble(ensemble_id, signed, entries, router_cfg, router_train, budget, progress)
         except BaseException as exc:
             self.registry.fail_ensemble(ensemble_id, str(exc) or type(exc).__name__)
             raise
 
-    def _assemble(self, ensemble_id: int, signed: list, router_train: TrainConfig, progress) -> int:
+    def _assemble(
+        self,
+        ensemble_id: int,
+        signed: list,
+        entries: list[dict],
+        router_cfg: RouterConfig,
+        router_train: TrainConfig,
+        budget: dict,
+        progress,
+    ) -> int:
         # Router output i is the i-th signed expert, whatever its cluster id.
         clusters = [e.cluster_id for e in signed]
+        num_classes = router_cfg.num_classes
         if self.config.mode == "siloed":
-            data, targets, source = self._expert_samples(signed)
+            shares = island_shares(entries, num_classes)
+            data, targets, source = self._expert_samples(signed, shares)
         else:
             data, targets = cluster_data(self.home, self.config, clusters)
+            shares = cluster_shares(data, targets, len(clusters), num_classes)
             source = "the clustered dataset"
-        router_cfg = RouterConfig.from_dict({**self.config.router_model, "num_clusters": len(clusters)})
 
         def on_progress(step: int, loss: float, rate: float) -> None:
             self.registry.ensemble_progress(ensemble_id, step)
@@ -111,14 +134,16 @@ class Assembler:
             description="router",
             on_progress=on_progress,
         )
-        accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed)
+        labels = data.labels if num_classes else None
+        accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed, labels=labels)
         metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy], "trained_on": source}
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
         result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
         fault_point("router.stored")
         experts = [
-            {"entry": json.loads(e.entry_json), "signature": base64.b64encode(e.signature).decode()} for e in signed
+            {"entry": entry, "signature": base64.b64encode(e.signature).decode()}
+            for entry, e in zip(entries, signed, strict=True)
         ]
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -133,10 +158,12 @@ class Assembler:
                 "config": router_cfg.to_dict(),
                 "steps": result.steps,
                 "flops": result.flops,
+                "budget": {k: v for k, v in budget.items() if k != "steps"},
                 "metrics": metrics,
                 "clusters": clusters,
             },
             "experts": experts,
+            "shares": shares,
         }
         manifest_json, signature = self.key.sign(manifest)
         self.registry.publish_ensemble(
@@ -154,14 +181,61 @@ class Assembler:
             key += "-" + hashlib.sha256("".join(e.checkpoint_sha256 for e in signed).encode()).hexdigest()[:16]
         return self.home.work / f"router-{key}"
 
-    def _expert_samples(self, signed: list) -> tuple[ImageDataset, torch.Tensor, str]:
+    def _expert_samples(self, signed: list, shares: dict) -> tuple[ImageDataset, torch.Tensor, str]:
         experts = [
             load_checkpoint(
                 self.store.path(e.checkpoint_sha256), expect_kind="expert", expect_config=self.config.model
             )[0]
             for e in signed
         ]
-        return samples_from_experts(self.config, experts)
+        per_expert = None
+        if shares["source"] == "islands":  # as many samples of each expert as its island has data
+            total, counts = self.config.router_samples * len(signed), shares["clusters"]
+            per_expert = [max(1, round(total * c / sum(counts))) for c in counts]
+        return samples_from_experts(self.config, experts, per_expert)
+
+
+def router_budget(config: CoordinatorConfig, router_cfg: RouterConfig, train: TrainConfig, entries: list[dict]) -> dict:
+    """The router's steps and how they were chosen: fixed (``init --router-steps``, and homes made
+    before the share existed), or as many as cost ``config.router_share`` of the signed experts'
+    total training FLOPs at the router's measured FLOPs per step."""
+    expert_flops = sum(int(entry.get("flops", 0)) for entry in entries)
+    if config.router_share <= 0:
+        return {"steps": train.steps, "rule": "fixed", "share": None, "expert_flops": expert_flops, "step_flops": None}
+    # A step's FLOPs depend on the shapes alone: measured on one batch of blank images.
+    c, size, n = router_cfg.in_channels, router_cfg.image_size, train.batch_size
+    labels = torch.zeros(n, dtype=torch.int64) if router_cfg.num_classes else None
+    blank = ImageDataset(torch.zeros(n, c, size, size), torch.arange(n), labels, router_cfg.num_classes, "blank")
+    step_flops = router_step_flops(blank, router_cfg, n)
+    steps = router_steps_for(config.router_share, expert_flops, step_flops)
+    return {
+        "steps": steps,
+        "rule": "share",
+        "share": config.router_share,
+        "expert_flops": expert_flops,
+        "step_flops": step_flops,
+    }
+
+
+def cluster_shares(data: ImageDataset, targets: torch.Tensor, experts: int, num_classes: int) -> dict:
+    """Shared mode: each router output's cluster size and, where the data has labels, its
+    per-class counts (as many classes as the model has, or the data if more)."""
+    clusters = torch.bincount(targets, minlength=experts).tolist()
+    classes = None
+    if data.labels is not None:
+        width = max(num_classes, data.num_classes)
+        classes = [torch.bincount(data.labels[targets == k], minlength=width).tolist() for k in range(experts)]
+    return {"source": "clusters", "clusters": clusters, "classes": classes}
+
+
+def island_shares(entries: list[dict], num_classes: int) -> dict:
+    """Siloed mode: the counts islands reported (checked when their checkpoints were signed), if
+    every signed expert's island reported them; else uniform shares."""
+    counts = [entry.get("counts") for entry in entries]
+    if any(c is None for c in counts):
+        return uniform(len(entries))
+    classes = [c["class_counts"] for c in counts] if num_classes else None
+    return {"source": "islands", "clusters": [c["samples"] for c in counts], "classes": classes}
 
 
 def cluster_data(home: Home, config: CoordinatorConfig, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
@@ -177,11 +251,22 @@ def cluster_data(home: Home, config: CoordinatorConfig, clusters: list[int]) -> 
     return subset, torch.from_numpy(labels[order])
 
 
-def samples_from_experts(config: CoordinatorConfig, experts: list) -> tuple[ImageDataset, torch.Tensor, str]:
+def samples_from_experts(
+    config: CoordinatorConfig, experts: list, per_expert: list[int] | None = None
+) -> tuple[ImageDataset, torch.Tensor, str]:
     """Siloed mode: no real data exists here, so learn from ``config.router_samples`` samples
-    drawn from each expert, labelled with that expert's index. Returns them and a description."""
+    drawn from each expert (or ``per_expert[k]`` from expert k), labelled with that expert's
+    index; a class-conditional expert's samples are drawn for uniformly random classes, which
+    the returned dataset carries as its labels. Returns them and a description."""
     shape = (config.model["in_channels"], config.model["image_size"], config.model["image_size"])
     n, steps = config.router_samples, config.router_sampling_steps
-    images, labels, _ = expert_samples(experts, n, shape, steps=steps, seed=config.router_train["seed"])
-    data = ImageDataset(images, torch.arange(len(images), dtype=torch.int64), name="expert samples")
-    return data, labels, f"{n} samples drawn from each expert ({steps} Euler steps)"
+    num_classes = config.model.get("num_classes", 0)
+    images, labels, classes = expert_samples(
+        experts, per_expert or n, shape, steps=steps, seed=config.router_train["seed"], num_classes=num_classes
+    )
+    ids = torch.arange(len(images), dtype=torch.int64)
+    data = ImageDataset(images, ids, classes, num_classes if classes is not None else 0, name="expert samples")
+    if per_expert is None:
+        return data, labels, f"{n} samples drawn from each expert ({steps} Euler steps)"
+    drawn = f"{sum(per_expert)} samples drawn from the experts in proportion to their islands' counts"
+    return data, labels, f"{drawn} ({per_expert}, {steps} Euler steps)"

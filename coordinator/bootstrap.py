@@ -17,7 +17,7 @@ from ddm_model.clustering import cluster_dataset
 from ddm_model.data import load_dataset, save_dataset_file
 from ddm_model.dit import DiT, DiTConfig
 from ddm_model.probe import hold_out
-from ddm_model.router import RouterConfig
+from ddm_model.router import DEFAULT_ROUTER_SHARE, RouterConfig
 from ddm_model.train import TrainConfig
 
 from .home import MODES, CoordinatorConfig, Home, HomeError
@@ -36,8 +36,9 @@ class InitOptions:
     steps: int = 1200
     batch_size: int = 64
     lr: float = 3e-3
-    router_preset: str = "small"
-    router_steps: int = 2000
+    router_preset: str | None = None  # None: the experts' own preset
+    router_steps: int | None = None  # None: as many as cost router_share of the experts' FLOPs
+    router_share: float | None = None  # None: DEFAULT_ROUTER_SHARE
     router_lr: float = 1e-3
     clustering: str = "kmeans2"
     features: str = "pixels"
@@ -53,6 +54,8 @@ class InitOptions:
     database_url: str = ""
     tls_names: tuple[str, ...] = ()  # names (DNS or IP) the TLS certificate adds to localhost and the hostname
     probe_margin: float = 0.05
+    class_conditional: bool = False  # experts and router conditioned on the class label
+    classes: int | None = None  # siloed mode with class_conditional: the class count (no data to read it off)
 
 
 def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
@@ -89,10 +92,18 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
     else:
         dataset = load_dataset(opts.dataset, image_size=opts.image_size)
         image_size, channels = dataset.image_size, dataset.channels
-    model = DiTConfig(opts.preset, image_size, channels, num_classes=0)
-    router = RouterConfig(opts.router_preset, image_size, channels, opts.experts)
+    num_classes = class_count(opts, dataset)
+    model = DiTConfig(opts.preset, image_size, channels, num_classes=num_classes)
+    router_preset = opts.router_preset or opts.preset
+    router = RouterConfig(router_preset, image_size, channels, opts.experts, num_classes=num_classes)
+    share = DEFAULT_ROUTER_SHARE if opts.router_share is None else opts.router_share
+    if opts.router_steps is not None and opts.router_share is not None:
+        raise HomeError("--router-steps fixes the router's steps; it does not go with --router-share")
+    if not 0 < share < 1:
+        raise HomeError(f"--router-share must lie strictly between 0 and 1, got {share}")
     train = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed)
-    router_train = TrainConfig(steps=opts.router_steps, batch_size=opts.batch_size, lr=opts.router_lr, seed=opts.seed)
+    router_steps = 0 if opts.router_steps is None else opts.router_steps  # 0: chosen at assembly
+    router_train = TrainConfig(steps=router_steps, batch_size=opts.batch_size, lr=opts.router_lr, seed=opts.seed)
     if opts.mode == "siloed" and opts.router_samples < 1:
         raise HomeError("--router-samples must be at least 1")
 
@@ -123,6 +134,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
             train=train.to_dict(),
             router_model=router.to_dict(),
             router_train=router_train.to_dict(),
+            router_share=share if opts.router_steps is None else 0.0,
             mode=opts.mode,
             router_samples=opts.router_samples,
             probe_margin=opts.probe_margin,
@@ -145,6 +157,24 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return home, key.fingerprint
+
+
+def class_count(opts: InitOptions, dataset) -> int:
+    """The experts' (and router's) number of classes: 0 unless --class-conditional; then the
+    dataset's class count (shared mode) or --classes (siloed mode, where no data is here)."""
+    if not opts.class_conditional:
+        if opts.classes is not None:
+            raise HomeError("--classes goes with --class-conditional")
+        return 0
+    if dataset is None:
+        if opts.classes is None or opts.classes < 1:
+            raise HomeError("siloed mode with --class-conditional needs --classes N: no data is here to count them")
+        return opts.classes
+    if opts.classes is not None:
+        raise HomeError("--classes is for siloed mode; shared mode counts the classes of its dataset")
+    if dataset.labels is None or dataset.num_classes < 1:
+        raise HomeError(f"--class-conditional needs labelled data, and {opts.dataset} has no labels")
+    return dataset.num_classes
 
 
 def _cut_shards(opts: InitOptions, dataset, staged: Home, store: Store):

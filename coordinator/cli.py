@@ -54,8 +54,24 @@ def init(
     steps: int = typer.Option(1200, min=1, help="Training steps per expert."),
     batch_size: int = typer.Option(64, min=1, help="Batch size for experts and router."),
     lr: float = typer.Option(3e-3, help="Expert learning rate."),
-    router_preset: str = typer.Option("small", help="Router model preset."),
-    router_steps: int = typer.Option(2000, min=1, help="Router training steps."),
+    router_preset: str = typer.Option(None, help="Router model preset (default: the experts' --preset)."),
+    router_steps: int = typer.Option(
+        None, min=1, help="Router training steps, fixed (default: as many as --router-share buys)."
+    ),
+    router_share: float = typer.Option(
+        None,
+        help="Unless --router-steps: the router's training FLOPs as a share of the signed experts' total,"
+        " turned into steps when the ensemble is assembled (default: 0.04, as in the paper).",
+    ),
+    class_conditional: bool = typer.Option(
+        False,
+        "--class-conditional",
+        help="Condition experts and router on the class label (labelled data: digits, Fashion-MNIST, .npz with"
+        " 'labels', image folders with one subfolder per class); `ddm-client sample --class N` then works.",
+    ),
+    classes: int = typer.Option(
+        None, min=1, help="Siloed mode with --class-conditional: the number of classes (islands' labels 0..N-1)."
+    ),
     clustering: str = typer.Option("kmeans2", help="kmeans2 (two-stage k-means) or random."),
     features: str = typer.Option("pixels", help="Clustering features: pixels or dinov2."),
     dinov2_weights: str = typer.Option(None, help="Local folder with DINOv2 config.json + model.safetensors."),
@@ -95,6 +111,9 @@ def init(
                 lr=lr,
                 router_preset=router_preset,
                 router_steps=router_steps,
+                router_share=router_share,
+                class_conditional=class_conditional,
+                classes=classes,
                 clustering=clustering,
                 features=features,
                 feature_weights=dinov2_weights,
@@ -474,8 +493,14 @@ def demo(
     experts: int = typer.Option(4, min=2, help="Number of islands, clusters and experts."),
     preset: str = typer.Option("small", help="Expert model preset."),
     steps: int = typer.Option(1200, min=1, help="Training steps per expert."),
-    router_steps: int = typer.Option(2000, min=1, help="Router training steps."),
-    routing: str = typer.Option("top2", help="Routing when sampling: full, top1, top2, ..."),
+    router_steps: int = typer.Option(
+        None, min=1, help="Router training steps (default: 0.04 of the experts' training FLOPs, as `init`)."
+    ),
+    routing: str = typer.Option(
+        "ancestral",
+        help="Routing when sampling: ancestral (one expert per sample, drawn from the cluster shares), full, top1,"
+        " top2, ...",
+    ),
     samples: int = typer.Option(1000, min=2, help="Samples for the Fréchet distance (the grid shows 100)."),
     sampling_steps: int = typer.Option(20, min=1, help="ODE steps per sample."),
     seed: int = typer.Option(0, help="Seed for clustering, training and sampling."),

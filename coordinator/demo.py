@@ -56,8 +56,8 @@ class DemoSettings:
     experts: int = 4
     preset: str = "small"
     steps: int = 1200
-    router_steps: int = 2000
-    routing: str = "top2"
+    router_steps: int | None = None  # None: the router costs init's default share of the experts' FLOPs
+    routing: str = "ancestral"
     samples: int = 1000
     sampling_steps: int = 20
     seed: int = 0
@@ -172,14 +172,15 @@ def follow(home: Home, registry: Registry, procs: Processes, fingerprint: str) -
             e["id"]: bar.add_task(f"expert {e['id']}", total=config.train["steps"], info="")
             for e in build_status(home, config, registry, fingerprint)["experts"]
         }
-        router_task = bar.add_task("router (coordinator)", total=config.router_train["steps"], info="waiting")
+        # The router's total is known once assembly starts when a FLOPs share chooses it.
+        router_task = bar.add_task("router (coordinator)", total=None, info="waiting")
         while True:
             status = build_status(home, config, registry, fingerprint)
             for e in status["experts"]:
                 loss = "" if e["loss"] is None else f"  loss {e['loss']:.3f}"
                 bar.update(tasks[e["id"]], completed=e["step"], info=f"{e['state']}{loss}")
             router = status["router"]
-            bar.update(router_task, completed=router["step"], info=router["state"])
+            bar.update(router_task, total=router["steps"], completed=router["step"], info=router["state"])
             if status["ensemble"]["state"] == "published" and status["ensemble"]["experts"] == config.experts:
                 return status
             if status["ensemble"]["state"] == "failed":

@@ -57,6 +57,9 @@ class CoordinatorConfig:
     train: dict  # TrainConfig.to_dict() given to every island
     router_model: dict  # RouterConfig.to_dict()
     router_train: dict  # TrainConfig.to_dict() for the coordinator's router run
+    # > 0: the router's steps are chosen at assembly to cost this share of the signed experts'
+    # training FLOPs; 0 (and every home made before shares existed): router_train's fixed steps.
+    router_share: float = 0.0
     mode: str = "shared"  # shared: the coordinator holds the dataset; siloed: only the islands hold data
     router_samples: int = 1024  # siloed: samples drawn from each expert to train the router on
     router_sampling_steps: int = 20

@@ -41,6 +41,7 @@ from protocol.limits import (
     MiB,
     retry_after_metadata,
 )
+from protocol.shares import COUNTS_KEY, SharesError, check_counts
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
 
 from .bootstrap import lease_train_config
@@ -485,14 +486,23 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return "its metrics hold NaN or infinite numbers", {}
         if metrics_size > MAX_METRICS_BYTES:
             return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
+        metrics, counts = dict(info.metrics), info.metrics.get(COUNTS_KEY)
+        if counts is not None:  # an island's opt-in report of its data counts (join --share-counts)
+            try:
+                counts = check_counts(counts, self.config.model.get("num_classes", 0))
+            except SharesError as exc:
+                return f"its reported data counts are refused: {exc}", {}
+            del metrics[COUNTS_KEY]
         provenance = {
             "kind": "expert",
             "config": info.model,
             "steps": info.steps,
             "flops": info.flops,
             "data_fingerprint": info.data_fingerprint,
-            "metrics": info.metrics,
+            "metrics": metrics,
         }
+        if counts is not None:
+            provenance["counts"] = counts
         if probe is not None:
             verdict = probe.judge(model, self.config.probe_margin)
             log.info("expert %d: %s", expert.id, verdict.reason)

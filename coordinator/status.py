@@ -84,7 +84,9 @@ def build_status(
     ]
     ensembles = sorted(snap["ensembles"], key=lambda e: e["id"])
     latest = ensembles[-1] if ensembles else None
-    router = {"state": "waiting for experts", "step": 0, "steps": config.router_train["steps"]}
+    # Steps chosen by a FLOPs share are known once assembly starts (null until then).
+    fixed = config.router_share <= 0
+    router = {"state": "waiting for experts", "step": 0, "steps": config.router_train["steps"] if fixed else None}
     ensemble = {"state": "none"}
     if latest is not None:
         router = {
@@ -113,6 +115,12 @@ def build_status(
             "experts": config.experts,
             "model_preset": config.model["preset"],
             "steps_per_expert": steps,
+            "classes": config.model.get("num_classes", 0),
+            "router_budget": (
+                f"{config.router_train['steps']} steps, fixed"
+                if fixed
+                else f"{config.router_share:g} of the experts' training FLOPs"
+            ),
         },
         "islands": islands,
         "experts": experts,
@@ -237,7 +245,11 @@ def render_status(status: dict, console: Console) -> None:
         deadline = f"in {left:.0f} s" if left is not None else lease["deadline"]
         leases.add_row(lease["id"], str(lease["expert_id"]), lease["island_id"], lease["state"], deadline)
     r, e = status["router"], status["ensemble"]
-    tail = f"router: {r['state']} ({r['step']}/{r['steps']} steps)   ensemble: {e['state']}"
+    if r["steps"] is None:
+        progress = f"steps: {status['coordinator']['router_budget']}, chosen at assembly"
+    else:
+        progress = f"{r['step']}/{r['steps']} steps"
+    tail = f"router: {r['state']} ({progress})   ensemble: {e['state']}"
     if e.get("manifest_sha256"):
         tail += f" (manifest {e['manifest_sha256'][:12]}, {e['experts']} experts)"
     if e.get("reason"):

@@ -2,8 +2,10 @@
 
 A manifest (signed as a whole) names the router, every expert (each with its own signed
 entry, checked here again) and, once distilled, the dense student, each by sha256, size and
-model config. The client reads it to download and verify an ensemble; the coordinator reads
-its own published manifest back the same way before distilling from it.
+model config, and the experts' shares of the data (protocol/shares.py; absent in older
+manifests, which then mean uniform shares). The client reads it to download and verify an
+ensemble; the coordinator reads its own published manifest back the same way before distilling
+from it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
+from .shares import SharesError, check_shares
 from .trust import ENTRY_FORMAT, MANIFEST_FORMAT, TrustError, canonical_json, is_sha256, verify_signature
 
 
@@ -43,6 +46,10 @@ def members(manifest: dict, public_key: bytes) -> list[Member]:
         if entry["cluster_id"] != cluster:
             raise TrustError("the manifest routes to a cluster its expert entry does not name")
         found.append(Member(f"expert-{cluster}.safetensors", "expert", entry["sha256"], entry["size"], entry["config"]))
+    try:
+        check_shares(manifest.get("shares"), len(clusters))
+    except SharesError as exc:
+        raise TrustError(str(exc)) from None
     student = manifest.get("student")
     if student is not None:
         if not is_sha256(str(student.get("sha256", ""))) or not isinstance(student.get("size"), int):

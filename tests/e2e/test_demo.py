@@ -12,8 +12,14 @@ from protocol.trust import sha256_file
 QUICK = ["--preset", "tiny", "--steps", "30", "--router-steps", "30", "--samples", "200", "--sampling-steps", "8"]
 
 
+def manifest_key(out) -> str:
+    from protocol.trust import key_fingerprint
+
+    return key_fingerprint((out / "ensemble" / "coordinator.pub").read_bytes())
+
+
 def frechet(stdout: str) -> float:
-    match = re.search(r"Fréchet distance \(top2, 200 samples, 8 euler steps\): ([0-9.]+)", stdout)
+    match = re.search(r"Fréchet distance \(ancestral, 200 samples, 8 euler steps\): ([0-9.]+)", stdout)
     assert match, stdout
     return float(match.group(1))
 
@@ -41,6 +47,16 @@ def test_demo_runs_the_whole_system_and_resumes(run, tmp_path):
         assert info.steps == 30 and sha256_file(path) == item["entry"]["sha256"]
     for k in range(4):
         assert "signed by the coordinator" in (out / "logs" / f"island-{k}.log").read_text()
+    # The manifest carries the cluster sizes, for ancestral routing; the router's steps were fixed.
+    sizes = json.loads((out / "coordinator" / "config.json").read_text())["clustering"]["sizes"]
+    assert manifest["shares"]["source"] == "clusters"
+    assert manifest["shares"]["clusters"] == [sizes[c] for c in manifest["router"]["clusters"]]
+    assert manifest["router"]["budget"]["rule"] == "fixed" and manifest["router"]["steps"] == 30
+    # An unconditional ensemble has no class to sample: one line, no traceback.
+    sample = ["sample", out / "ensemble", "--state-dir", tmp_path / "reader", "--fingerprint", manifest_key(out)]
+    unconditional = run("ddm-client", *sample, "--class", "3", "--out", tmp_path / "c.png")
+    assert unconditional.returncode == 2 and "this model is unconditional" in unconditional.stderr
+    assert len(unconditional.stderr.strip().splitlines()) == 1, unconditional.stderr
 
     # Run again: the processes find their state, nothing is trained twice, same samples.
     again = run("ddm-coordinator", "demo", "--out", out, *QUICK)

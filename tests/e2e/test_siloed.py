@@ -19,7 +19,8 @@ STEPS = 30
 
 
 def make_silos(tmp_path) -> list:
-    """Digits split by clusters computed here, each silo in a folder only its island knows."""
+    """Digits split by clusters computed here, each silo (images and their class labels) in a
+    folder only its island knows. Returns (path, images, labels) per silo."""
     digits = load_digits()
     pixels = (digits.images / 16 * 255).round().astype(np.uint8)
     labels = KMeans(SILOS, n_init=4, random_state=0).fit_predict(pixels.reshape(len(pixels), -1))
@@ -28,8 +29,8 @@ def make_silos(tmp_path) -> list:
         folder = tmp_path / f"site-{k}" / "private"
         folder.mkdir(parents=True)
         path = folder / "images.npz"
-        np.savez(path, images=pixels[labels == k])
-        silos.append((path, pixels[labels == k]))
+        np.savez(path, images=pixels[labels == k], labels=digits.target[labels == k])
+        silos.append((path, pixels[labels == k], digits.target[labels == k]))
     return silos
 
 
@@ -82,9 +83,12 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
             "--once",
             "--threads",
             "1",
+            "--share-counts",  # each island opts in to report its sample count
+            "--name",
+            f"site-{k}",
             label=f"island-{k}",
         )
-        for k, (path, _) in enumerate(silos)
+        for k, (path, _, _) in enumerate(silos)
     ]
     for island in islands:
         assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
@@ -110,9 +114,14 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
     )
     assert got.returncode == 0, got.stderr[-2000:]
     manifest = json.loads((ensemble / "manifest.json").read_text())
-    assert (
-        manifest["mode"] == "siloed" and "samples drawn from each expert" in manifest["router"]["metrics"]["trained_on"]
-    )
+    trained_on = manifest["router"]["metrics"]["trained_on"]
+    assert manifest["mode"] == "siloed" and "samples drawn from the experts in proportion to" in trained_on
+    # The islands' reported counts are the shares: each silo's size, in expert order (the model
+    # is unconditional, so no class counts are reported even though the silos hold labels).
+    order = [item["entry"]["island_id"] for item in manifest["experts"]]
+    silo_of = {i["id"]: int(i["name"].removeprefix("site-")) for i in status["islands"] if i["role"] == "island"}
+    sizes = [len(silos[silo_of[i]][1]) for i in order]
+    assert manifest["shares"] == {"source": "islands", "clusters": sizes, "classes": None}
     npz = tmp_path / "samples.npz"
     sampled = run(
         "ddm-client",
@@ -163,7 +172,7 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
     files = [p for p in coord.home.rglob("*") if p.is_file()]
     assert not any("shard" in p.name or "clustering" in p.name for p in files)
     blobs = [p.read_bytes() for p in files]
-    for path, images in silos:
+    for path, images, _ in silos:
         for pattern in fingerprints_of(images):
             assert not any(pattern in blob for blob in blobs)
         assert not any(str(path.parent).encode() in blob for blob in blobs)
@@ -221,3 +230,41 @@ def test_an_island_whose_data_does_not_fit_refuses_before_training(coordinator, 
     assert "does not fit" in reason and "8x8" not in reason  # the coordinator is not told the island's shape
     missing = run("ddm-client", "join", *coord.connect_args, "--state-dir", tmp_path / "state", "--once")
     assert missing.returncode == 2 and "siloed mode: pass --data" in missing.stderr
+
+
+@pytest.mark.slow
+def test_class_conditional_silos_need_labels_that_fit_and_may_report_their_counts(coordinator, run, tmp_path):
+    coord = coordinator(
+        *("--mode", "siloed", "--image-size", "8", "--channels", "1", "--experts", "2", "--preset", "tiny"),
+        *("--steps", "5", "--class-conditional", "--classes", "3"),
+    )
+    images = np.zeros((12, 8, 8), dtype=np.uint8)
+
+    def join(name: str, **arrays):
+        data = tmp_path / f"{name}.npz"
+        np.savez(data, images=images, **arrays)
+        state = tmp_path / name
+        args = ["--data", data, "--once", "--share-counts", "--threads", "1"]
+        return run("ddm-client", "join", *coord.connect_args, "--token", coord.invite(), "--state-dir", state, *args)
+
+    unlabelled = join("unlabelled")
+    assert unlabelled.returncode == 2 and "has no class labels" in unlabelled.stderr
+    too_many = join("ten-classes", labels=np.arange(12) % 10)
+    assert too_many.returncode == 2 and "has labels up to 9; this coordinator's model has classes 0 to 2" in (
+        too_many.stderr
+    )
+    for result in (unlabelled, too_many):  # after the island's own progress lines, one error line
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and result.stderr.strip().endswith(errors[0][-40:]), result.stderr
+        assert "Traceback" not in result.stderr
+    assert [lease["state"] for lease in coord.status()["leases"]] == ["released", "released"]
+    reasons = [row["detail"] for row in coord.db("SELECT detail FROM events WHERE kind = 'lease_released'")]
+    assert "no class labels" in reasons[0] and "do not fit the model's 3 classes" in reasons[1]
+
+    labels = np.array([0] * 7 + [2] * 5)
+    good = join("good", labels=labels)
+    assert good.returncode == 0, good.stderr[-2000:]
+    (entry_file,) = (tmp_path / "good" / "signed").glob("expert-*.entry.json")
+    entry = json.loads(entry_file.read_text())
+    assert entry["counts"] == {"samples": 12, "class_counts": [7, 0, 5]}
+    assert entry["config"]["num_classes"] == 3
