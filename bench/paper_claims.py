@@ -66,12 +66,11 @@ from ddm_model.recipe import (
     cluster_shares,
     generate,
     load_ensemble,
-    router_warmup,
     step_flops,
     train_ensemble,
     train_monolith,
 )
-from ddm_model.router import calibration_by_time, empirical_posterior
+from ddm_model.router import calibration_by_time, empirical_posterior, router_warmup
 from ddm_model.train import router_step_flops
 
 console = Console(width=130)
@@ -131,9 +130,7 @@ SCALES = {
     },
     "fashion-mnist": {
         "smoke": Scale(None, "tiny", "tiny", 64, 3e-3, 100, 0.04, (4,), (4,), (4,), (), 4, 200, 2, 5, "cpu", 3000),
-        "cpu": Scale(
-            None, "small/4", "tiny", 64, 3e-3, 2500, 0.04, (2, 4, 8), (4,), (4,), (), 4, 1000, 2, 20, "cpu"
-        ),
+        "cpu": Scale(None, "small/4", "tiny", 64, 3e-3, 2500, 0.04, (2, 4, 8), (4,), (4,), (), 4, 1000, 2, 20, "cpu"),
         "gpu": Scale(32, "S/2", "S/4", 256, 1e-3, 20000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 5000, 3, 20, "cuda"),
     },
 }

@@ -33,7 +33,7 @@ from ddm_model.checkpoint import load_checkpoint
 from ddm_model.clustering import Clustering
 from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.errors import DDMError
-from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples, router_steps_for
+from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples, router_steps_for, router_warmup
 from ddm_model.train import TrainConfig, router_step_flops, train_router
 from protocol.shares import uniform
 from protocol.trust import MANIFEST_FORMAT
@@ -92,6 +92,8 @@ class Assembler:
         router_train = TrainConfig.from_dict(self.config.router_train)
         budget = router_budget(self.config, router_cfg, router_train, entries)
         router_train.steps = budget["steps"]
+        if budget["rule"] == "share":  # a few hundred steps: warm up over a tenth of them
+            router_train.warmup = router_warmup(router_train.steps, router_train.warmup)
         ensemble_id = self.registry.start_ensemble(len(signed), router_train.steps)
         try:
             return self._assemble(ensemble_id, signed, entries, router_cfg, router_train, budget, progress)

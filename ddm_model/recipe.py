@@ -21,7 +21,7 @@ from .data import ImageDataset
 from .dit import DiTConfig
 from .ensemble import RoutedEnsemble, Sampler, fixed
 from .flow import Velocity, integrate
-from .router import RouterConfig, accuracy_by_time
+from .router import RouterConfig, accuracy_by_time, router_warmup
 from .train import TrainConfig, TrainResult, train_expert, train_router
 
 
@@ -65,12 +65,6 @@ class Recipe:
         return RouterConfig(
             self.router_preset, dataset.image_size, dataset.channels, k, num_classes=self.num_classes(dataset)
         )
-
-
-def router_warmup(steps: int) -> int:
-    """A router budgeted as a share of the experts' FLOPs may run only a few hundred steps:
-    its warmup is a tenth of them, at most the default 100."""
-    return max(1, min(TrainConfig.warmup, steps // 10))
 
 
 @dataclass

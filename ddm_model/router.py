@@ -135,6 +135,12 @@ def router_steps_for(share: float, expert_flops: int, router_step_flops: int) ->
     return max(1, round(share * expert_flops / router_step_flops))
 
 
+def router_warmup(steps: int, default: int = 100) -> int:
+    """A router budgeted as a share of the experts' FLOPs may run only a few hundred steps:
+    its warmup is a tenth of them, at most ``default`` (the training loop's)."""
+    return max(1, min(default, steps // 10))
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration
 
