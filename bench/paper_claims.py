@@ -101,6 +101,8 @@ class Scale:
     sampling_steps: int
     device: str
     limit: int | None = None  # the first images of the training set only (smoke runs)
+    prefix_ddms: bool = True  # also sample the k-means DDMs at F/3 (the prefix of their F runs)
+    routings: tuple[str, ...] = ROUTINGS  # routings sampled for each k-means DDM
 
 
 SCALES = {
@@ -130,7 +132,26 @@ SCALES = {
     },
     "fashion-mnist": {
         "smoke": Scale(None, "tiny", "tiny", 64, 3e-3, 100, 0.04, (4,), (4,), (4,), (), 4, 200, 2, 5, "cpu", 3000),
-        "cpu": Scale(None, "small/4", "tiny", 64, 3e-3, 2500, 0.04, (2, 4, 8), (4,), (4,), (), 4, 1000, 2, 20, "cpu"),
+        "cpu": Scale(
+            None,
+            "small/4",
+            "tiny",
+            64,
+            3e-3,
+            2500,
+            0.04,
+            (2, 4, 8),
+            (4,),
+            (4,),
+            (),
+            4,
+            1000,
+            2,
+            20,
+            "cpu",
+            prefix_ddms=False,
+            routings=("ancestral", "full", "top1"),
+        ),
         "gpu": Scale(32, "S/2", "S/4", 256, 1e-3, 20000, 0.04, (2, 4, 8), (4, 8), (4, 8), (), 4, 5000, 3, 20, "cuda"),
     },
 }
@@ -445,14 +466,14 @@ class Bench:
                 for stage, steps in stages:
                     model, info = self.monolith(stage, steps, conditional, bar)
                     self.evaluate(f"monolith{' cc' if conditional else ''} ({STAGES[stage]})", model, info)
-            for k in s.ks:  # k-means DDMs at F/3 (the prefix of their F runs)
+            for k in s.ks if s.prefix_ddms else ():  # k-means DDMs at F/3 (the prefix of their F runs)
                 t = self.ddm("kmeans2", k, "F3", third, False, bar)
                 self.evaluate_ddm(t, ("ancestral", "top1"), " (F/3)")
             plan = [("kmeans2", k, False) for k in s.ks] + [("random", k, False) for k in s.random_ks]
             plan += [("kmeans2", k, True) for k in s.conditional_ks]
             for partition, k, conditional in plan:
                 t = trained[partition, k, conditional] = self.ddm(partition, k, "F", budget, conditional, bar)
-                routings = ROUTINGS if partition == "kmeans2" else ("ancestral", "full", "top1")
+                routings = s.routings if partition == "kmeans2" else ("ancestral", "full", "top1")
                 self.evaluate_ddm(t, routings)
             for k in s.exact_ks:  # the k-means experts routed by the training set's exact posterior
                 for conditional in (False, True):
