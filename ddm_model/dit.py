@@ -86,6 +86,13 @@ def check_geometry(preset: object, image_size: object, in_channels: object) -> T
     return trunk
 
 
+def check_classes(num_classes: object, class_dropout: object) -> None:
+    """Validate the class-conditioning fields experts and routers share."""
+    check_int("num_classes", num_classes, 0, MAX_CLASSES)
+    if isinstance(class_dropout, bool) or not isinstance(class_dropout, (int, float)) or not 0 <= class_dropout < 1:
+        raise ConfigError(f"config field 'class_dropout' must be a number in [0, 1), got {class_dropout!r}")
+
+
 class TrunkConfig:
     """JSON round trip shared by the expert and router configs (frozen dataclasses)."""
 
@@ -139,13 +146,7 @@ class DiTConfig(TrunkConfig):
 
     def __post_init__(self):
         check_geometry(self.preset, self.image_size, self.in_channels)
-        check_int("num_classes", self.num_classes, 0, MAX_CLASSES)
-        if (
-            isinstance(self.class_dropout, bool)
-            or not isinstance(self.class_dropout, (int, float))
-            or not 0.0 <= self.class_dropout < 1.0
-        ):
-            raise ConfigError(f"config field 'class_dropout' must be a number in [0, 1), got {self.class_dropout!r}")
+        check_classes(self.num_classes, self.class_dropout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import MAX_CLASSES, Block, ConfigError, PatchEmbed, TimestepEmbedder, TrunkConfig, check_geometry, check_int
+from .dit import Block, ConfigError, PatchEmbed, TimestepEmbedder, TrunkConfig, check_classes, check_geometry, check_int
 from .flow import TimeSampler, integrate, interpolate, noise_like, noised
 
 MAX_CLUSTERS = 4096
@@ -48,13 +48,7 @@ class RouterConfig(TrunkConfig):
     def __post_init__(self):
         check_geometry(self.preset, self.image_size, self.in_channels)
         check_int("num_clusters", self.num_clusters, 2, MAX_CLUSTERS)
-        check_int("num_classes", self.num_classes, 0, MAX_CLASSES)
-        if (
-            isinstance(self.class_dropout, bool)
-            or not isinstance(self.class_dropout, (int, float))
-            or not 0.0 <= self.class_dropout < 1.0
-        ):
-            raise ConfigError(f"config field 'class_dropout' must be a number in [0, 1), got {self.class_dropout!r}")
+        check_classes(self.num_classes, self.class_dropout)
         if self.head not in HEADS:
             raise ConfigError(f"config field 'head' must be one of {', '.join(HEADS)}, got {self.head!r}")
 

@@ -13,7 +13,6 @@ from client.transfer import upload_checkpoint
 from coordinator.assemble import router_budget
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
-from coordinator.server import CoordinatorServer
 from ddm_model.checkpoint import save_checkpoint
 from ddm_model.dit import DiTConfig
 from ddm_model.probe import untrained_model
@@ -49,15 +48,7 @@ def template(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def server(template, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
-    srv.start()
-    srv.address = f"127.0.0.1:{srv.port}"
-    yield srv
-    srv.stop(grace=0)
+# `server` (tests/coordinator/conftest.py) serves a copy of this module's class-conditional template.
 
 
 def checkpoint(tmp_path, lease, counts) -> bytes:
