@@ -33,7 +33,7 @@ from ddm_model.checkpoint import load_checkpoint
 from ddm_model.clustering import Clustering
 from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.errors import DDMError
-from ddm_model.router import RouterConfig, accuracy_by_time, expert_samples, router_steps_for, router_warmup
+from ddm_model.router import RouterConfig, expert_samples, router_metrics, router_steps_for, router_warmup
 from ddm_model.train import TrainConfig, router_step_flops, train_router
 from protocol.shares import uniform
 from protocol.trust import MANIFEST_FORMAT
@@ -137,8 +137,10 @@ class Assembler:
             on_progress=on_progress,
         )
         labels = data.labels if num_classes else None
-        accuracy = accuracy_by_time(result.model, data.images, targets, bins=5, seed=router_train.seed, labels=labels)
-        metrics = {"accuracy_by_t": [[round(t, 3), round(a, 4)] for t, a in accuracy], "trained_on": source}
+        metrics = {
+            **router_metrics(result.model, data.images, targets, labels, router_train.seed),
+            "trained_on": source,
+        }
         staged = self.home.work / f"router-{ensemble_id}.safetensors"
         result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)

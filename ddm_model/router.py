@@ -220,6 +220,32 @@ def calibration_by_time(
     return rows
 
 
+def router_metrics(
+    router: RouterFn,
+    images: torch.Tensor,
+    clusters: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    bins: int = 5,
+    limit: int = 2048,
+) -> dict:
+    """What a published router says of itself: accuracy and KL(exact || router) by t, on at
+    most ``limit`` of its training images (drawn by ``seed``), against the exact posterior of
+    all of them (given the label, for a class-conditional router)."""
+    k = int(clusters.max()) + 1
+    exact = empirical_posterior(images, clusters, k, labels)
+    rows = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    table = calibration_by_time(
+        router, images[rows], clusters[rows], exact, None if labels is None else labels[rows], bins, seed
+    )
+    return {
+        "accuracy_by_t": [[row["t"], round(row["accuracy"], 4)] for row in table],
+        "kl_by_t": [[row["t"], round(row["kl"], 4)] for row in table],
+        "exact_accuracy_by_t": [[row["t"], round(row["exact_accuracy"], 4)] for row in table],
+        "calibration_images": int(rows.numel()),
+    }
+
+
 def accuracy_by_time(
     router: RouterFn,
     images: torch.Tensor,

@@ -83,6 +83,8 @@ def test_shares_are_the_islands_counts_when_every_island_reported_them(server, t
     order = [item["entry"]["expert_id"] for item in manifest["experts"]]
     by_expert = {e["expert_id"]: e for e in entries}
     trained_on = manifest["router"]["metrics"]["trained_on"]
+    kl = manifest["router"]["metrics"]["kl_by_t"]  # calibration against the exact posterior, by t
+    assert len(kl) == 5 and all(value >= 0 for _, value in kl)
     if reported == 2:
         assert manifest["shares"] == {
             "source": "islands",

@@ -104,3 +104,16 @@ def test_router_steps_follow_a_share_of_the_experts_flops():
     assert router_steps_for(0.04, 10, 50) == 1
     with pytest.raises(Exception, match="share"):
         router_steps_for(1.5, 10, 50)
+
+
+def test_router_metrics_report_calibration_on_a_bounded_sample(trained):
+    from ddm_model.router import router_metrics
+
+    digits, clusters, result = trained
+    metrics = router_metrics(result.model, digits.images, clusters, seed=0, limit=300)
+    assert metrics["calibration_images"] == 300
+    assert [t for t, _ in metrics["kl_by_t"]] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    assert all(kl >= 0 for _, kl in metrics["kl_by_t"])
+    assert metrics["exact_accuracy_by_t"][-1][1] == 1.0
+    acc = [a for _, a in metrics["accuracy_by_t"]]
+    assert acc[-1] > acc[0]
