@@ -178,12 +178,13 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
         assert not any(str(path.parent).encode() in blob for blob in blobs)
 
     # Without data the coordinator still distills a student: from samples of the experts, by
-    # their velocity alone.
+    # their velocity alone, as many from each as the islands' reported shares say.
     report = distill(Home(coord.home), DistillOptions(steps=5), progress=False)
     (row,) = coord.db("SELECT manifest_json FROM ensembles WHERE id = ?", report.ensemble_id)
     student = json.loads(row["manifest_json"])["student"]
     assert student["metrics"]["data_weight"] == 0 and student["metrics"]["data_sampling_flops"] > 0
-    assert "128 samples drawn from each expert" in student["metrics"]["trained_on"]
+    want = f"{128 * SILOS} samples drawn from the experts, split by the cluster shares (islands)"
+    assert want in student["metrics"]["trained_on"]
     with safe_open(str(coord.home / "artifacts" / student["sha256"]), "pt") as f:
         assert json.loads(f.metadata()["ddm"])["data_fingerprint"] == ""
     with pytest.raises(DistillError, match="holds no real data"):
