@@ -3,12 +3,15 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.home import Home
 from ddm_model.data import load_dataset, load_dataset_file, load_fashion_mnist
 from tests.ddm_model.test_data import write_idx
+
+pytestmark = pytest.mark.slow  # in-process coordinators that train and assemble: tens of seconds
 
 
 def test_a_class_conditional_home_on_a_fashion_mnist_slice(tmp_path):

@@ -23,6 +23,8 @@ from protocol.shares import check_counts
 
 from .test_service import complete_rejected, enroll, lease_for
 
+pytestmark = pytest.mark.slow  # in-process coordinators that train and assemble: tens of seconds
+
 STEPS = 5  # a siloed coordinator has no data to score an expert on: any well-formed one is signed
 COUNTS = [{"samples": 30, "class_counts": [3] * 10}, {"samples": 12, "class_counts": [0] * 9 + [12]}]
 
