@@ -17,7 +17,6 @@ checks everything again before a single weight is used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,9 +27,9 @@ from ddm_model.ensemble import RoutedEnsemble
 from ddm_model.fsutil import atomic_path
 from ddm_model.progress import transfer_bar
 from protocol import ddm_pb2 as pb
-from protocol.manifest import Member, members
+from protocol.manifest import Manifest, Member
 from protocol.shares import check_shares
-from protocol.trust import TrustError, key_fingerprint, sha256_file, verify_signature
+from protocol.trust import TrustError, key_fingerprint, sha256_file
 
 from .connection import Connection
 from .island import enroll, tls_for, tofu_warning
@@ -75,9 +74,7 @@ def download_ensemble(
         signed = conn.unary("GetManifest", pb.GetManifestRequest())
         state.remember_tls(identity, tls)
         pin_key(state, coordinator, signed.coordinator_public_key, fingerprint)
-        verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "the ensemble manifest")
-        manifest = json.loads(signed.manifest_json)
-        wanted = members(manifest, signed.coordinator_public_key)
+        wanted = Manifest.verified(signed.manifest_json, signed.signature, signed.coordinator_public_key).members
         out.mkdir(parents=True, exist_ok=True)
         with transfer_bar() as bar:
             for m in wanted:
@@ -102,7 +99,7 @@ def download_ensemble(
     return out
 
 
-def verified_members(folder: Path, trusted: set[str]) -> tuple[list[Member], dict]:
+def verified_manifest(folder: Path, trusted: set[str]) -> Manifest:
     """Check a downloaded ensemble folder end to end against the trusted key fingerprints (the
     one given on the command line, or those pinned in the state folder): the manifest's
     signature, every expert entry's, and every file's sha256. The key stored in the folder is
@@ -120,14 +117,12 @@ def verified_members(folder: Path, trusted: set[str]) -> tuple[list[Member], dic
             f"{folder} was signed by {signer}, which is not a trusted key (trusted: {pinned}); "
             "pass --fingerprint if you trust it"
         )
-    verify_signature(public_key, manifest_json, signature, "the ensemble manifest")
-    manifest = json.loads(manifest_json)
-    wanted = members(manifest, public_key)
-    for m in wanted:
+    manifest = Manifest.verified(manifest_json, signature, public_key)
+    for m in manifest.members:
         path = folder / m.name
         if not path.exists() or sha256_file(path) != m.sha256:
             raise TrustError(f"{path} does not match the signed manifest (tampered or incomplete); download again")
-    return wanted, manifest
+    return manifest
 
 
 def _load(folder: Path, member: Member, device: str):
@@ -135,24 +130,24 @@ def _load(folder: Path, member: Member, device: str):
 
 
 def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
-    """The routed ensemble of a folder that ``verified_members`` accepts, and its manifest. The
+    """The routed ensemble of a folder that ``verified_manifest`` accepts, and its manifest. The
     manifest's shares (uniform when it has none) become the ensemble's p(k) and, with per-class
     counts, p(k | y): the (classes, experts) table is the transpose of the per-expert counts."""
-    wanted, manifest = verified_members(folder, trusted)
-    router = _load(folder, wanted[0], device)
-    experts = [_load(folder, m, device) for m in wanted if m.kind == "expert"]
-    shares = check_shares(manifest.get("shares"), len(experts))  # checked by members() already
+    manifest = verified_manifest(folder, trusted)
+    router = _load(folder, manifest.members[0], device)
+    experts = [_load(folder, m, device) for m in manifest.members if m.kind == "expert"]
+    shares = check_shares(manifest.shares, len(experts))  # checked by Manifest.verified already
     classes = shares["classes"]
     class_prior = [list(row) for row in zip(*classes, strict=True)] if classes and classes[0] else None
-    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest
+    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest.data
 
 
 def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The distilled student of a folder that ``verified_members`` accepts, and its manifest."""
-    wanted, manifest = verified_members(folder, trusted)
-    student = [m for m in wanted if m.kind == "student"]
+    """The distilled student of a folder that ``verified_manifest`` accepts, and its manifest."""
+    manifest = verified_manifest(folder, trusted)
+    student = [m for m in manifest.members if m.kind == "student"]
     if not student:
         raise TrustError(
             f"the ensemble in {folder} has no distilled student; run `ddm-coordinator distill` and download again"
         )
-    return _load(folder, student[0], device), manifest
+    return _load(folder, student[0], device), manifest.data

@@ -17,7 +17,6 @@ with ``join --share-counts`` when every signed expert did, else uniform shares.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -35,8 +34,8 @@ from ddm_model.data import ImageDataset, load_dataset
 from ddm_model.errors import DDMError
 from ddm_model.router import RouterConfig, expert_samples, router_metrics, router_steps_for, router_warmup
 from ddm_model.train import TrainConfig, router_step_flops, train_router
+from protocol.manifest import Manifest
 from protocol.shares import uniform
-from protocol.trust import MANIFEST_FORMAT
 
 from .faults import fault_point
 from .home import CoordinatorConfig, Home
@@ -145,18 +144,13 @@ class Assembler:
         result.export(staged, data.fingerprint() if self.config.mode == "shared" else "", metrics=metrics)
         router_sha, router_size = self.store.add_file(staged, move=True)
         fault_point("router.stored")
-        experts = [
-            {"entry": entry, "signature": base64.b64encode(e.signature).decode()}
-            for entry, e in zip(entries, signed, strict=True)
-        ]
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "ensemble_id": ensemble_id,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "mode": self.config.mode,
-            "dataset": {"name": self.config.dataset, "fingerprint": self.config.dataset_fingerprint},
-            "clustering_sha256": self.config.clustering.get("sha256", ""),
-            "router": {
+        manifest = Manifest.build(
+            ensemble_id,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            mode=self.config.mode,
+            dataset={"name": self.config.dataset, "fingerprint": self.config.dataset_fingerprint},
+            clustering_sha256=self.config.clustering.get("sha256", ""),
+            router={
                 "sha256": router_sha,
                 "size": router_size,
                 "config": router_cfg.to_dict(),
@@ -166,10 +160,10 @@ class Assembler:
                 "metrics": metrics,
                 "clusters": clusters,
             },
-            "experts": experts,
-            "shares": shares,
-        }
-        manifest_json, signature = self.key.sign(manifest)
+            experts=[(e.entry_json, e.signature) for e in signed],
+            shares=shares,
+        )
+        manifest_json, signature = self.key.sign(manifest.data)
         self.registry.publish_ensemble(
             ensemble_id, router_sha, router_size, [e.checkpoint_sha256 for e in signed], manifest_json, signature
         )

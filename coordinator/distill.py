@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 
@@ -51,8 +50,8 @@ from ddm_model.dit import DiTConfig
 from ddm_model.errors import DDMError
 from ddm_model.flops import count_flops
 from ddm_model.train import TrainConfig
-from protocol.manifest import members
-from protocol.trust import TrustError, canonical_json, sha256_file, verify_signature
+from protocol.manifest import Manifest
+from protocol.trust import TrustError, canonical_json, sha256_file
 
 from .assemble import cluster_data
 from .home import Home
@@ -103,13 +102,11 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     if latest is None:
         raise DistillError("no ensemble is published yet; distill once the coordinator has published one")
     try:
-        verify_signature(key.public_bytes, latest.manifest_json, latest.signature, "the published manifest")
-        manifest = json.loads(latest.manifest_json)
-        wanted = members(manifest, key.public_bytes)
-    except (TrustError, KeyError, TypeError, ValueError) as exc:
+        manifest = Manifest.verified(latest.manifest_json, latest.signature, key.public_bytes, "the published manifest")
+    except TrustError as exc:
         raise DistillError(f"ensemble {latest.id} does not verify: {exc}") from None
     teachers, teacher_ids = [], []
-    for m in (m for m in wanted if m.kind == "expert"):
+    for m in (m for m in manifest.members if m.kind == "expert"):
         path = store.path(m.sha256)
         if not store.has(m.sha256) or sha256_file(path) != m.sha256:
             raise DistillError(f"the artifact store's copy of {m.name} does not match the signed manifest")
@@ -119,13 +116,13 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
             raise DistillError(f"{m.name} is signed but not a valid expert: {exc}") from None
         teacher_ids.append(m.sha256)
     # A manifest version that already names a student keeps the id of the ensemble it was taught by.
-    teacher_ensemble_id = manifest.get("student", {}).get("teacher_ensemble_id", manifest["ensemble_id"])
+    teacher_ensemble_id = (manifest.student or {}).get("teacher_ensemble_id", manifest.ensemble_id)
 
     siloed = config.mode == "siloed"
     if siloed and opts.data_weight:
         raise DistillError("a siloed coordinator holds no real data: the data weight must be 0")
     data_weight = (0.0 if siloed else DEFAULT_DATA_WEIGHT) if opts.data_weight is None else opts.data_weight
-    base = manifest["experts"][0]["entry"]["config"]
+    base = manifest.entries[0]["config"]
     try:
         student_cfg = DiTConfig.from_dict({**base, "preset": opts.preset or base["preset"]})
         train = TrainConfig.from_dict(config.train)
@@ -140,11 +137,11 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     if siloed:
         drawn = []
         sampling_flops = count_flops(
-            lambda: drawn.append(siloed_data(config, manifest, teachers, student_cfg.num_classes, opts.device))
+            lambda: drawn.append(siloed_data(config, manifest.shares, teachers, student_cfg.num_classes, opts.device))
         )
         data, teacher_of, source = drawn[0]
     else:
-        data, teacher_of = cluster_data(home, config, manifest["router"]["clusters"])
+        data, teacher_of = cluster_data(home, config, manifest.clusters)
         source = "the clustered dataset"
         if student_cfg.num_classes and data.labels is None:
             raise DistillError(f"the experts are class-conditional but the dataset {config.dataset} has no labels")
@@ -177,7 +174,7 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     info = result.export(staged, data.fingerprint() if not siloed else "", metrics=metrics, kind="student")
     sha, size = store.add_file(staged, move=True)
     report = DistillReport(latest.id, teacher_ensemble_id, sha, result.steps, result.flops, published=False)
-    if manifest.get("student", {}).get("sha256") == sha:
+    if (manifest.student or {}).get("sha256") == sha:
         return report
 
     entry = {
@@ -192,19 +189,18 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
 
     def sign(version: int) -> tuple[bytes, bytes]:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        return key.sign({**manifest, "ensemble_id": version, "created_at": now, "student": entry})
+        return key.sign(manifest.with_student(version, now, entry).data)
 
     report.ensemble_id = registry.publish_student(latest.id, sha, size, sign)
     report.published = True
     return report
 
 
-def siloed_data(config, manifest: dict, teachers: list, num_classes: int, device: str):
+def siloed_data(config, shares: dict | None, teachers: list, num_classes: int, device: str):
     """Siloed mode: samples drawn from the experts, in proportion to the manifest's cluster
-    shares (and per-class counts) where it carries them. Returns the data, each sample's
+    ``shares`` (and per-class counts) where it carries them. Returns the data, each sample's
     teacher and a description."""
-    found = manifest.get("shares")
-    found = {} if found is None else found
+    found = {} if shares is None else shares
     if not isinstance(found, dict):
         raise DistillError("the published manifest's shares are not a JSON object")
     cluster_shares, class_shares = found.get("clusters"), found.get("classes")

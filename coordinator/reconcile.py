@@ -36,7 +36,6 @@ summary says what would be done.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -44,14 +43,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import delete, inspect, select, update
+from sqlalchemy import inspect, select
 from sqlalchemy.exc import DatabaseError
 
 from ddm_model.errors import DDMError
-from protocol.trust import is_sha256, sha256_file
+from protocol.manifest import Manifest
+from protocol.trust import TrustError, is_sha256, sha256_file
 
 from .home import Home
-from .registry import Artifact, Ensemble, Expert, Registry
+from .registry import Expert, Registry
 from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
@@ -153,8 +153,7 @@ class _Pass:
         message = f"{PAST[verb]} {what}"
         self.result.actions.append(message)
         log.log(level, "reconcile: %s", message)
-        with self.registry.transaction() as s:
-            Registry.log(s, event, **detail)
+        self.registry.record(event, **detail)
 
     def note(self, message: str) -> None:
         self.result.notes.append(message)
@@ -230,7 +229,9 @@ class _Pass:
             "drop",
             f"the lost {kind} {sha[:12]}…" + (f": {', '.join(consequence)}" if consequence else ""),
             "artifact_missing",
-            lambda: self._drop(sha, kind, why, [e["id"] for e in experts], [e["id"] for e in withdrawn]),
+            lambda: self.registry.drop_lost_artifact(
+                sha, kind, why, [e["id"] for e in experts], [e["id"] for e in withdrawn]
+            ),
             level=logging.ERROR,
             sha256=sha,
             artifact_kind=kind,
@@ -247,36 +248,6 @@ class _Pass:
         while target.exists():
             target, n = self.home.damaged / f"{path.name}.{n}", n + 1
         os.replace(path, target)
-
-    def _drop(self, sha: str, kind: str, why: str, experts: list[int], ensembles: list[int]) -> None:
-        """One transaction: reopen the experts, withdraw the ensembles, forget the artifact."""
-        reason = f"the {kind} {sha[:12]}… it names is lost ({why})"
-        with self.registry.transaction() as s:
-            for expert_id in experts:
-                reopened = s.execute(
-                    update(Expert)
-                    .where(Expert.id == expert_id, Expert.state == "signed", Expert.checkpoint_sha256 == sha)
-                    .values(
-                        state="open",
-                        island_id=None,
-                        step=0,
-                        loss=None,
-                        images_per_second=None,
-                        checkpoint_sha256=None,
-                        entry_json=None,
-                        signature=None,
-                    )
-                ).rowcount
-                if reopened:
-                    Registry.log(s, "expert_reopened", expert_id=expert_id, sha256=sha, reason=reason)
-            for ensemble_id in ensembles:
-                s.execute(
-                    update(Ensemble)
-                    .where(Ensemble.id == ensemble_id, Ensemble.state == "published")
-                    .values(state="withdrawn", reason=reason[:2000])
-                )
-                Registry.log(s, "ensemble_withdrawn", ensemble_id=ensemble_id, reason=reason)
-            s.execute(delete(Artifact).where(Artifact.sha256 == sha))
 
     def _orphans(self) -> None:
         named = {row["sha256"] for row in self.snap["artifacts"]}
@@ -357,21 +328,17 @@ class _Pass:
                     )
 
 
-def _manifest(ensemble: dict) -> dict:
+def _manifest(ensemble: dict) -> Manifest:
     try:
-        return json.loads(ensemble["manifest_json"] or b"{}")
-    except ValueError:
-        return {}
+        return Manifest.parse(ensemble["manifest_json"])
+    except TrustError:  # a damaged manifest names nothing the store must keep for it
+        return Manifest({})
 
 
 def _names(ensemble: dict) -> set[str]:
     """Every artifact a published ensemble's manifest names."""
-    manifest = _manifest(ensemble)
-    names = {manifest.get("router", {}).get("sha256")}
-    names.update(item.get("entry", {}).get("sha256") for item in manifest.get("experts", []))
-    names.add(manifest.get("student", {}).get("sha256"))
-    return {n for n in names if n}
+    return _manifest(ensemble).artifacts
 
 
 def _clusters(ensemble: dict) -> list[int]:
-    return list(_manifest(ensemble).get("router", {}).get("clusters", []))
+    return _manifest(ensemble).clusters

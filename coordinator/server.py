@@ -12,13 +12,14 @@ import grpc
 
 from protocol import ddm_pb2_grpc
 from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_WORKERS
+from protocol.manifest import Manifest
 
 from .assemble import Assembler
 from .auth import AuthInterceptor, DecodingInterceptor
 from .home import Home, HomeError, HomeLock
 from .keys import SigningKey
 from .reconcile import reconcile
-from .registry import Registry, manifest_checkpoints
+from .registry import Registry
 from .service import CoordinatorService
 from .store import Store
 from .tls import ServerTls
@@ -87,7 +88,7 @@ class CoordinatorServer:
         # Published already: an ensemble of exactly the signed experts (after `revoke --exclude`,
         # a retrained expert is not in the ensemble published without it).
         published = any(
-            e["state"] == "published" and set(manifest_checkpoints(e["manifest_json"])) == signed
+            e["state"] == "published" and set(Manifest.parse(e["manifest_json"]).checkpoints) == signed
             for e in snapshot["ensembles"]
         )
         if all_signed and (interrupted or not published):

@@ -1,17 +1,22 @@
-"""The ensemble manifest's members, read only after its signature checked out.
+"""The ensemble manifest: the one type that builds, reads and checks it, on both sides.
 
-A manifest (signed as a whole) names the router, every expert (each with its own signed
-entry, checked here again) and, once distilled, the dense student, each by sha256, size and
-model config, and the experts' shares of the data (protocol/shares.py; absent in older
-manifests, which then mean uniform shares). The client reads it to download and verify an
-ensemble; the coordinator reads its own published manifest back the same way before distilling
-from it.
+A manifest (signed as a whole, canonical JSON) names the router, every expert (each with its
+own signed entry, checked again when it is read) and, once distilled, the dense student, each
+by sha256, size and model config, and the experts' shares of the data (protocol/shares.py;
+absent in older manifests, which then mean uniform shares).
+
+The coordinator builds one when it assembles an ensemble (``Manifest.build``) and a new version
+of it when it distils a student (``with_student``); its registry, reconciliation and restart
+read the artifacts a stored manifest names (``Manifest.parse``); whoever downloads an ensemble,
+the coordinator distilling from its own included, reads it only once its signature and every
+entry's checked out (``Manifest.verified``).
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from .shares import SharesError, check_shares
 from .trust import ENTRY_FORMAT, MANIFEST_FORMAT, TrustError, canonical_json, is_sha256, verify_signature
@@ -24,6 +29,114 @@ class Member:
     sha256: str
     size: int
     config: dict
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest's JSON object; ``members`` is filled only by ``verified``."""
+
+    data: dict
+    members: tuple[Member, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        ensemble_id: int,
+        created_at: str,
+        mode: str,
+        dataset: dict,
+        clustering_sha256: str,
+        router: dict,
+        experts: list[tuple[bytes, bytes]],
+        shares: dict | None,
+    ) -> Manifest:
+        """A new ensemble's manifest; ``experts`` holds each signed (entry JSON, signature) in
+        the order of the router's outputs."""
+        return cls(
+            {
+                "format": MANIFEST_FORMAT,
+                "ensemble_id": ensemble_id,
+                "created_at": created_at,
+                "mode": mode,
+                "dataset": dataset,
+                "clustering_sha256": clustering_sha256,
+                "router": router,
+                "experts": [
+                    {"entry": json.loads(entry), "signature": base64.b64encode(signature).decode()}
+                    for entry, signature in experts
+                ],
+                "shares": shares,
+            }
+        )
+
+    def with_student(self, ensemble_id: int, created_at: str, student: dict) -> Manifest:
+        """The next version of this ensemble: the same router and experts, plus ``student``."""
+        return Manifest({**self.data, "ensemble_id": ensemble_id, "created_at": created_at, "student": student})
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> Manifest:
+        """A stored manifest as the coordinator wrote it, unchecked (None or empty: one that
+        names nothing); TrustError if it is not a JSON object."""
+        try:
+            data = json.loads(raw) if raw else {}
+        except (ValueError, RecursionError):
+            raise TrustError("the manifest is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise TrustError("the manifest is not a JSON object")
+        return cls(data)
+
+    @classmethod
+    def verified(cls, raw: bytes, signature: bytes, public_key: bytes, what: str = "the ensemble manifest") -> Manifest:
+        """The manifest once its signature, its format and every expert entry's signature check
+        out against ``public_key``; its members are the files it names."""
+        verify_signature(public_key, raw, signature, what)
+        manifest = cls.parse(raw)
+        try:
+            found = members(manifest.data, public_key)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise TrustError(f"{what} is malformed ({type(exc).__name__}: {exc})") from None
+        return cls(manifest.data, tuple(found))
+
+    @property
+    def ensemble_id(self) -> int | None:
+        return self.data.get("ensemble_id")
+
+    @property
+    def router(self) -> dict:
+        router = self.data.get("router")
+        return router if isinstance(router, dict) else {}
+
+    @property
+    def clusters(self) -> list[int]:
+        """The cluster each router output names, in order."""
+        return list(self.router.get("clusters") or [])
+
+    @property
+    def entries(self) -> list[dict]:
+        """Every expert's signed entry, in the order of the router's outputs."""
+        experts = self.data.get("experts")
+        items = experts if isinstance(experts, list) else []
+        return [item["entry"] for item in items if isinstance(item, dict) and isinstance(item.get("entry"), dict)]
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The sha256 of every expert checkpoint it names."""
+        return [entry["sha256"] for entry in self.entries if entry.get("sha256")]
+
+    @property
+    def student(self) -> dict | None:
+        student = self.data.get("student")
+        return student if isinstance(student, dict) else None
+
+    @property
+    def shares(self) -> dict | None:
+        return self.data.get("shares")
+
+    @property
+    def artifacts(self) -> set[str]:
+        """Every artifact it names: its router, its experts and any student."""
+        student = (self.student or {}).get("sha256")
+        return {self.router.get("sha256"), student, *self.checkpoints} - {None, ""}
 
 
 def members(manifest: dict, public_key: bytes) -> list[Member]:

@@ -363,3 +363,20 @@ def test_status_shows_a_missing_artifact(bench):
         "missing": [{"sha256": sha, "kind": "shard", "reason": "missing"}],
         "flagged": [],
     }
+
+
+def test_a_withdrawn_ensemble_unpublishes_what_it_named_as_revoke_exclude_does(bench):
+    """Reconciliation and `revoke --exclude` withdraw an ensemble the same way: every artifact
+    it named that no other published ensemble names stops being served, its router included."""
+    (e0, sha0), (e1, sha1) = bench.sign(b"expert zero"), bench.sign(b"expert one")
+    ensemble_id, router_sha = bench.publish([(e0, sha0), (e1, sha1)])
+    (bench.home.artifacts / sha0).chmod(0o644)
+    (bench.home.artifacts / sha0).unlink()
+    bench.run()
+
+    published = {a["sha256"]: a["published"] for a in bench.registry.snapshot()["artifacts"]}
+    assert published[router_sha] is False and published[sha1] is False
+    assert sorted(e["sha256"] for e in bench.events("unpublished")) == sorted([router_sha, sha1])
+    reader, _ = bench.registry.redeem_invite(bench.registry.create_invite("reader", 60), "reader")
+    assert bench.registry.readable_by(reader, router_sha) is None
+    assert bench.registry.readable_by(reader, sha1) is None

@@ -6,6 +6,7 @@ import time
 import pytest
 import sqlalchemy
 
+from coordinator.clock import ManualClock
 from coordinator.registry import Grant, NoWork, Registry, RegistryError
 
 SHARD = "ab" * 32
@@ -221,3 +222,57 @@ def test_a_student_is_published_as_a_new_version_of_the_newest_ensemble_only(reg
     assert err.value.code == "failed_precondition"
     assert registry.artifact("aa" * 32) is None and signed_ids == [student]
     assert registry.latest_published().id == student
+
+
+def test_a_stale_upload_of_an_expired_lease_leaves_the_experts_new_holder_alone(tmp_path):
+    """Island A's lease expires with an upload open; island B takes the expert and uploads it.
+    When A's upload reaches the staleness limit it must not push B's expert back to training,
+    and B's upload must still complete: expiring a lease closes its uploads at once, and a
+    stale upload resets only what its own island holds."""
+    clock = ManualClock()
+    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=clock)
+    registry.create()
+    registry.add_experts([(0, SHARD, "f0")])
+    a, _ = enroll(registry, "a")
+    b, _ = enroll(registry, "b")
+    held_by_a = registry.acquire_lease(a.id)
+    stale, _ = registry.begin_upload(a.id, held_by_a.lease_id, 1000, "cd" * 32, quota=1000)
+    registry.commit_chunk(a.id, stale, 0, 500)
+
+    clock.advance(61)
+    assert registry.expire_leases() == 1
+    assert registry.upload_for(a.id, stale.id).state != "open"  # closed with its lease
+    assert stale.id not in registry.open_upload_ids()
+
+    clock.advance(3000)
+    held_by_b = registry.acquire_lease(b.id)
+    assert held_by_b.expert_id == 0
+    upload, _ = registry.begin_upload(b.id, held_by_b.lease_id, 800, "ef" * 32, quota=1000)
+    registry.commit_chunk(b.id, upload, 0, 800)
+    assert registry.expert(0).state == "uploaded"
+
+    clock.advance(601)  # A's upload has now been silent for over an hour, B's for ten minutes
+    assert registry.abandon_stale_uploads(3600) == []
+    assert registry.expert(0).state == "uploaded"
+    registry.mark_verified(b.id, upload)
+    assert registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
+    assert (registry.expert(0).state, registry.expert(0).island_id) == ("signed", b.id)
+    registry.close()
+
+
+def test_a_stale_upload_resets_only_its_own_islands_expert(tmp_path):
+    """Even an upload left open by some other path resets the expert only while its own island holds it."""
+    clock = ManualClock()
+    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=10_000, clock=clock)
+    registry.create()
+    registry.add_experts([(0, SHARD, "f0")])
+    a, _ = enroll(registry, "a")
+    grant = registry.acquire_lease(a.id)
+    upload, _ = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
+    registry.commit_chunk(a.id, upload, 0, 1000)
+    clock.advance(3601)
+    assert registry.abandon_stale_uploads(3600) == [upload.id]
+    assert registry.expert(0).state == "training"  # its own island may begin a new upload
+    kinds = [e.kind for e in registry.events()]
+    assert kinds[-1] == "upload_abandoned"
+    registry.close()

@@ -1,0 +1,205 @@
+"""The registry's core: the engine, its transactions, the event log, and plain reads.
+
+SQLite in WAL mode (synchronous=FULL, so a committed row survives a crash) is the default; any
+SQLAlchemy URL works. Every operation is one transaction. Write transactions of one
+coordinator process run one at a time (a lock), so a read-then-write cannot interleave with
+another thread's; state changes are also conditional UPDATEs checked by row count.
+
+Every state change appends one row to the event log in the same transaction; progress
+(heartbeat steps, chunks, router steps) and traffic counters are not events. Time comes from
+an injectable clock (coordinator/clock.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ddm_model.errors import DDMError
+
+from ..clock import Clock, SystemClock
+from .tables import Artifact, Base, Ensemble, Event, Expert, Invite, Island, Lease, Upload
+
+
+class RegistryError(DDMError):
+    """A request the registry refuses; ``code`` names the kind of refusal."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Revoked(RegistryError):
+    """A call by, or on behalf of, an island whose access the coordinator revoked."""
+
+    def __init__(self, reason: str):
+        super().__init__("permission_denied", revoked_message(reason))
+
+
+def revoked_message(reason: str) -> str:
+    return (
+        f"this island's access was revoked by the coordinator ({reason}); it may no longer lease, upload or"
+        " download. Ask the coordinator's operator for a new invite if this is a mistake"
+    )
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's string as a refusal may echo it: escaped to one printable line, bounded."""
+    text = repr(value[:limit])[1:-1]
+    return text + "..." if len(value) > limit else text
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def iso(ts: float | None) -> str:
+    return "" if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Core:
+    def __init__(self, url: str, lease_seconds: float = 120.0, clock: Clock | None = None):
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self.clock = clock or SystemClock()
+        try:
+            self.engine = create_engine(url, future=True)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise RegistryError("invalid_argument", f"cannot use the database URL {url!r}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.RLock()
+
+    def create(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise RegistryError("unavailable", f"cannot open the registry database: {exc.orig}") from None
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                for op in ("UPDATE", "DELETE"):
+                    conn.execute(
+                        text(
+                            f"CREATE TRIGGER IF NOT EXISTS events_no_{op.lower()} BEFORE {op} ON events "
+                            "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
+                        )
+                    )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._write_lock, self.Session.begin() as session:
+            yield session
+
+    def log(
+        self, session: Session, kind: str, island_id: str | None = None, expert_id: int | None = None, **detail
+    ) -> None:
+        """Append an event in the caller's transaction."""
+        session.add(
+            Event(at=self.clock.now(), kind=kind, island_id=island_id, expert_id=expert_id, detail=json.dumps(detail))
+        )
+
+    def record(self, kind: str, island_id: str | None = None, expert_id: int | None = None, **detail) -> None:
+        """Append an event in a transaction of its own: a change made outside the database
+        (a file removed or moved) that the log should hold."""
+        with self.transaction() as s:
+            self.log(s, kind, island_id, expert_id, **detail)
+
+    def add_experts(self, rows: list[tuple[int, str, str]]) -> None:
+        """(cluster id, shard sha256, shard fingerprint) per expert; expert id = cluster id."""
+        now = self.clock.now()
+        with self.transaction() as s:
+            for cluster_id, shard, fingerprint in rows:
+                s.add(
+                    Expert(
+                        id=cluster_id,
+                        cluster_id=cluster_id,
+                        state="open",
+                        shard_sha256=shard,
+                        shard_fingerprint=fingerprint,
+                        updated_at=now,
+                    )
+                )
+            self.log(s, "init", experts=len(rows))
+
+    @staticmethod
+    def _require_access(s: Session, island_id: str) -> None:
+        island = s.get(Island, island_id)
+        if island is not None and island.revoked_at is not None:
+            raise Revoked(island.revoked_reason)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def experts(self) -> list[Expert]:
+        with self.Session() as s:
+            return list(s.scalars(select(Expert).order_by(Expert.id)).all())
+
+    def expert(self, expert_id: int) -> Expert:
+        with self.Session() as s:
+            return s.get(Expert, expert_id)
+
+    def lease(self, lease_id: str) -> Lease | None:
+        with self.Session() as s:
+            return s.get(Lease, lease_id)
+
+    def artifact(self, sha256: str) -> Artifact | None:
+        with self.Session() as s:
+            return s.get(Artifact, sha256)
+
+    def snapshot(self) -> dict:
+        """Every table but the event log, as plain rows: what status shows and tests compare."""
+        with self.Session() as s:
+
+            def rows(model):
+                return [
+                    {c.name: getattr(r, c.name) for c in model.__table__.columns}
+                    for r in s.scalars(select(model)).all()
+                ]
+
+            return {
+                "islands": rows(Island),
+                "invites": rows(Invite),
+                "experts": rows(Expert),
+                "leases": rows(Lease),
+                "uploads": rows(Upload),
+                "artifacts": rows(Artifact),
+                "ensembles": rows(Ensemble),
+            }
+
+    def events(self, limit: int | None = None, island_id: str | None = None, kind: str | None = None) -> list[Event]:
+        """The event log, oldest first; the last ``limit`` events matching the filters."""
+        query = select(Event)
+        if island_id is not None:
+            query = query.where(Event.island_id == island_id)
+        if kind is not None:
+            query = query.where(Event.kind == kind)
+        with self.Session() as s:
+            if limit is None:
+                return list(s.scalars(query.order_by(Event.id)).all())
+            return list(reversed(s.scalars(query.order_by(Event.id.desc()).limit(limit)).all()))
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,157 @@
+"""Leases: an expert assigned to one island until a deadline that heartbeats extend.
+
+A lease ends as expired (silent past its deadline), released (by its island), revoked (by
+the operator) or completed (its expert signed). Ending it any other way than completed sends
+its expert back to open and closes the lease's open uploads, so that a stale upload of an
+old holder can never touch the expert once another island holds it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .core import Core, RegistryError, shown
+from .tables import UNSIGNED, Expert, Lease, Upload
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease as handed to an island."""
+
+    lease_id: str
+    expert_id: int
+    cluster_id: int
+    shard_sha256: str
+    shard_fingerprint: str
+    deadline_at: float
+    renewed: bool  # the island already held it
+
+
+@dataclass(frozen=True)
+class NoWork:
+    reason: str
+    finished: bool
+
+
+class Leases(Core):
+    def acquire_lease(self, island_id: str) -> Grant | NoWork:
+        """The island's active lease (deadline renewed), else an open expert: preferably one
+        this island held before (its local progress survives), else the lowest id."""
+        now = self.clock.now()
+        deadline = now + self.lease_seconds
+        with self.transaction() as s:
+            self._require_access(s, island_id)
+            self._expire(s, now)
+            held = s.scalars(select(Lease).where(Lease.island_id == island_id, Lease.state == "active")).first()
+            if held is not None:
+                held.deadline_at = deadline
+                expert = s.get(Expert, held.expert_id)
+                self.log(s, "lease_renewed", island_id, expert.id, lease_id=held.id)
+                return _grant(held, expert, renewed=True)
+            previous = select(Lease.expert_id).where(Lease.island_id == island_id)
+            # Ids only: loading every open expert as an object costs milliseconds per call at 1000 experts.
+            candidates = s.scalars(
+                select(Expert.id).where(Expert.state == "open").order_by(Expert.id.in_(previous).desc(), Expert.id)
+            ).all()
+            for expert_id in candidates:
+                taken = s.execute(
+                    update(Expert)
+                    .where(Expert.id == expert_id, Expert.state == "open")
+                    .values(state="leased", island_id=island_id, step=0, loss=None, updated_at=now)
+                ).rowcount
+                if taken != 1:
+                    continue
+                expert = s.get(Expert, expert_id)
+                lease = Lease(
+                    id=uuid.uuid4().hex[:16],
+                    expert_id=expert.id,
+                    island_id=island_id,
+                    state="active",
+                    issued_at=now,
+                    deadline_at=deadline,
+                )
+                s.add(lease)
+                s.flush()
+                self.log(s, "lease", island_id, expert.id, lease_id=lease.id)
+                return _grant(lease, expert, renewed=False)
+            states = [e.state for e in s.scalars(select(Expert)).all()]
+            if all(state == "signed" for state in states):
+                return NoWork("every expert is trained and signed", finished=True)
+            return NoWork("every unfinished expert is leased to another island", finished=False)
+
+    def _active_lease(self, s: Session, island_id: str, lease_id: str) -> Lease:
+        self._require_access(s, island_id)
+        lease = s.get(Lease, lease_id)
+        if lease is None or lease.island_id != island_id:
+            raise RegistryError("permission_denied", f"lease {shown(lease_id)} is not held by this island")
+        if lease.state != "active":
+            raise RegistryError(
+                "failed_precondition",
+                f"lease {lease_id} is {lease.state}; acquire a new lease (the expert may have gone to another island)",
+            )
+        return lease
+
+    def heartbeat(self, island_id: str, lease_id: str, step: int, loss: float, rate: float) -> float:
+        now = self.clock.now()
+        with self.transaction() as s:
+            self._expire(s, now)
+            lease = self._active_lease(s, island_id, lease_id)
+            lease.deadline_at = now + self.lease_seconds
+            lease.last_heartbeat_at = now
+            expert = s.get(Expert, lease.expert_id)
+            expert.step, expert.updated_at = step, now
+            expert.loss = loss if loss == loss else None  # NaN before the first log window
+            expert.images_per_second = rate
+            if expert.state == "leased" and step > 0:
+                expert.state = "training"
+                self.log(s, "training", island_id, expert.id, lease_id=lease_id, step=step)
+            return lease.deadline_at
+
+    def release_lease(self, island_id: str, lease_id: str, reason: str) -> None:
+        with self.transaction() as s:
+            lease = self._active_lease(s, island_id, lease_id)
+            self._end_lease(s, lease, "released", "lease_released", reason=reason[:500])
+
+    def expire_leases(self) -> int:
+        with self.transaction() as s:
+            return self._expire(s, self.clock.now())
+
+    def _expire(self, s: Session, now: float) -> int:
+        stale = s.scalars(select(Lease).where(Lease.state == "active", Lease.deadline_at < now)).all()
+        for lease in stale:
+            self._end_lease(s, lease, "expired", "lease_expired")
+        return len(stale)
+
+    def _end_lease(self, s: Session, lease: Lease, state: str, kind: str, **detail) -> None:
+        """End an active lease as ``state``: its expert opens again unless signed, and its open
+        uploads are abandoned (their staged bytes go with the next staging clean-up)."""
+        now = self.clock.now()
+        lease.state = state
+        s.execute(
+            update(Expert)
+            .where(Expert.id == lease.expert_id, Expert.state.in_(UNSIGNED))
+            .values(state="open", updated_at=now)
+        )
+        self.log(s, kind, lease.island_id, lease.expert_id, lease_id=lease.id, **detail)
+        uploads = s.scalars(select(Upload).where(Upload.lease_id == lease.id, Upload.state == "open")).all()
+        for upload in uploads:
+            upload.state, upload.reason, upload.updated_at = "abandoned", f"its lease was {state}", now
+            self.log(
+                s, "upload_abandoned", upload.island_id, upload.expert_id, upload_id=upload.id, reason=upload.reason
+            )
+
+
+def _grant(lease: Lease, expert: Expert, renewed: bool) -> Grant:
+    return Grant(
+        lease.id,
+        expert.id,
+        expert.cluster_id,
+        expert.shard_sha256,
+        expert.shard_fingerprint,
+        lease.deadline_at,
+        renewed,
+    )
