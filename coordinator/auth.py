@@ -243,7 +243,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         # Kept in memory and written by flush(): this runs on gRPC's one dispatch thread, which
         # must not wait for the registry's write lock.
         with self._lock:
-            self._seen[island_id] = time.time()
+            self._seen[island_id] = self.registry.clock.now()
 
     @staticmethod
     def _refuse(

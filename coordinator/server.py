@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,6 +15,7 @@ from protocol.manifest import Manifest
 
 from .assemble import Assembler
 from .auth import AuthInterceptor, DecodingInterceptor
+from .clock import Clock, SystemClock
 from .home import Home, HomeError, HomeLock
 from .keys import SigningKey
 from .reconcile import reconcile
@@ -30,15 +30,19 @@ CLEAN_STAGING_EVERY_S = 60.0
 
 
 class CoordinatorServer:
-    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None):
+    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None, clock: Clock | None = None):
         """``tls``: the certificate (and, for mutual TLS, the client CA) to serve TLS with; None
-        serves plaintext (in-process tests, loopback)."""
+        serves plaintext (in-process tests, loopback). ``clock``: the time the registry and the
+        reaper go by (a ManualClock in tests: its reaper runs only when ``reap`` is called)."""
         self.home = home
+        self.clock = clock or SystemClock()
         self.config = home.load_config()
         self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
         try:
             self.key = SigningKey.load(home.key_path)
-            self.registry = Registry(home.database_url(self.config), lease_seconds=self.config.lease_seconds)
+            self.registry = Registry(
+                home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
+            )
             self.store = Store(home.artifacts, home.staging)
             self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
         except BaseException:
@@ -69,8 +73,9 @@ class CoordinatorServer:
             self.lock.release()
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
+        self._reaper = threading.Thread(target=self._reap_every, name="lease-reaper", daemon=True)
         self.clean_staging_every_s = CLEAN_STAGING_EVERY_S
+        self._cleaned = float("-inf")  # the first round cleans staging: a restart may find what a crash left
 
     def start(self) -> None:
         self.server.start()
@@ -94,18 +99,23 @@ class CoordinatorServer:
         if all_signed and (interrupted or not published):
             self.assembler.request()
 
-    def _reap(self) -> None:
-        cleaned = float("-inf")  # the first round cleans staging: a restart may find what a crash left
-        while not self._stop.wait(REAP_EVERY_S):
+    def _reap_every(self) -> None:
+        while not self.clock.wait(self._stop, REAP_EVERY_S):
             try:
-                self.auth.flush()
-                expired = self.registry.expire_leases()
-                if expired:
-                    log.info("%d lease(s) expired; their experts are open again", expired)
-                if time.monotonic() - cleaned >= self.clean_staging_every_s and self.service.clean_staging():
-                    cleaned = time.monotonic()
+                self.reap()
             except Exception:
                 log.exception("lease reaper")
+
+    def reap(self) -> None:
+        """One round of the reaper: flush traffic counters, expire silent leases and, every
+        ``clean_staging_every_s``, abandon stale uploads and delete unowned staged bytes."""
+        self.auth.flush()
+        expired = self.registry.expire_leases()
+        if expired:
+            log.info("%d lease(s) expired; their experts are open again", expired)
+        now = self.clock.now()
+        if now - self._cleaned >= self.clean_staging_every_s and self.service.clean_staging():
+            self._cleaned = now
 
     def wait(self) -> None:
         self.server.wait_for_termination()

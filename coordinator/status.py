@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-import time
 
 from rich.console import Console, Group
 from rich.table import Table
@@ -35,7 +34,7 @@ def build_status(
 ) -> dict:
     """The coordinator's state as plain JSON; with ``events``, the last that many events too."""
     snap = registry.snapshot()
-    now = time.time()
+    now = registry.clock.now()
     steps = config.train["steps"]
     islands = [
         {

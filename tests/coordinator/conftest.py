@@ -1,5 +1,5 @@
 """The coordinator tests' shared setup: a real server on loopback over a copy of one tiny
-shared-mode home, initialised once per module."""
+shared-mode home, initialised once per module, whose time moves only when a test moves it."""
 
 import shutil
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from coordinator.bootstrap import InitOptions, init_home
+from coordinator.clock import ManualClock
 from coordinator.home import Home
 from coordinator.server import CoordinatorServer
 
@@ -33,7 +34,7 @@ def template(tmp_path_factory):
 def server(template, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
+    srv = CoordinatorServer(Home(home), "127.0.0.1:0", clock=ManualClock())
     srv.start()
     srv.address = f"127.0.0.1:{srv.port}"
     yield srv

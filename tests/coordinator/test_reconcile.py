@@ -369,7 +369,7 @@ def test_a_withdrawn_ensemble_unpublishes_what_it_named_as_revoke_exclude_does(b
     """Reconciliation and `revoke --exclude` withdraw an ensemble the same way: every artifact
     it named that no other published ensemble names stops being served, its router included."""
     (e0, sha0), (e1, sha1) = bench.sign(b"expert zero"), bench.sign(b"expert one")
-    ensemble_id, router_sha = bench.publish([(e0, sha0), (e1, sha1)])
+    _, router_sha = bench.publish([(e0, sha0), (e1, sha1)])
     (bench.home.artifacts / sha0).chmod(0o644)
     (bench.home.artifacts / sha0).unlink()
     bench.run()

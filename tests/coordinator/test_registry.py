@@ -1,7 +1,6 @@
 """The SQL registry on a real SQLite file: invites, leases, uploads, events."""
 
 import sqlite3
-import time
 
 import pytest
 import sqlalchemy
@@ -14,7 +13,7 @@ SHARD = "ab" * 32
 
 @pytest.fixture
 def registry(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60)
+    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=ManualClock())
     reg.create()
     reg.add_experts([(0, SHARD, "f0"), (1, SHARD, "f1"), (2, SHARD, "f2")])
     yield reg
@@ -92,9 +91,9 @@ def test_heartbeats_extend_and_silence_expires(registry):
     a, _ = enroll(registry)
     grant = registry.acquire_lease(a.id)
     deadline = registry.heartbeat(a.id, grant.lease_id, 5, 0.5, 100.0)
-    assert deadline > time.time()
+    assert deadline > registry.clock.now()
     assert registry.expert(0).state == "training" and registry.expert(0).step == 5
-    time.sleep(0.3)
+    registry.clock.advance(0.3)
     assert registry.expire_leases() == 1
     assert registry.expert(0).state == "open"
     with pytest.raises(RegistryError, match="expired") as err:

@@ -18,6 +18,7 @@ import pytest
 
 from client.connection import ClientError, Connection
 from client.transfer import upload_checkpoint
+from coordinator.clock import ManualClock
 from coordinator.registry import Registry, RegistryError, Revoked
 from coordinator.status import build_status
 from protocol import ddm_pb2 as pb
@@ -153,11 +154,9 @@ def sign_all(server, tmp_path) -> dict[int, str]:
 
 
 def wait_published(server, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while (published := server.registry.latest_published()) is None:
-        assert time.monotonic() < deadline, "no ensemble was published"
-        time.sleep(0.1)
-    server.assembler.join(timeout)
+    server.assembler.join(timeout)  # the last signature (or revoke's republish) started it
+    published = server.registry.latest_published()
+    assert published is not None, "no ensemble was published"
     return published
 
 
@@ -218,7 +217,7 @@ def test_exclude_republishes_the_ensemble_without_the_island(server, tmp_path):
 
 @pytest.fixture
 def registry(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60)
+    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=ManualClock())
     reg.create()
     reg.add_experts([(0, "ab" * 32, "f0"), (1, "ab" * 32, "f1")])
     yield reg
@@ -308,7 +307,7 @@ def test_every_state_change_writes_an_event(registry):
     step("reject", lambda: r.reject_upload(rejected.id, "bad"))
     r.lease_seconds = 0.0
     step("renew to expire", lambda: r.acquire_lease(b.id))
-    time.sleep(0.01)
+    r.clock.advance(0.01)
     step("expire", lambda: r.expire_leases())
     r.lease_seconds = 60
     sign(r, b.id, "b2" * 32)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 
 import grpc
 import pytest
@@ -122,9 +121,7 @@ def test_every_expert_signed_publishes_a_signed_ensemble(server, tmp_path):
         upload_checkpoint(conn, lease.lease_id, train(conn, lease, tmp_path))
     none = conn.unary("AcquireLease", pb.AcquireLeaseRequest())
     assert none.no_work.finished
-    deadline = time.time() + 60
-    while server.registry.latest_published() is None and time.time() < deadline:
-        time.sleep(0.2)
+    server.assembler.join(60)  # the last signature started the assembly
     signed = conn.unary("GetManifest", pb.GetManifestRequest())
     verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "manifest")
     manifest = json.loads(signed.manifest_json)
@@ -208,7 +205,8 @@ def test_an_expired_lease_cannot_upload(server, tmp_path):
     path = train(conn, lease, tmp_path)
     server.registry.lease_seconds = 0.1
     conn.unary("Heartbeat", pb.HeartbeatRequest(lease_id=lease.lease_id, step=1))
-    time.sleep(1.5)  # the reaper runs every second
+    server.clock.advance(1)
+    server.reap()  # one round of the reaper
     assert server.registry.lease(lease.lease_id).state == "expired"
     before = state(server)
     with pytest.raises(ClientError) as err:

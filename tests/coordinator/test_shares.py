@@ -5,7 +5,6 @@ uniform. Also: how the router's steps are chosen, and homes made before the FLOP
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -62,9 +61,7 @@ def checkpoint(tmp_path, lease, counts) -> bytes:
 
 
 def published_manifest(server) -> dict:
-    deadline = time.time() + 60
-    while server.registry.latest_published() is None and time.time() < deadline:
-        time.sleep(0.1)
+    server.assembler.join(60)  # the last signature started the assembly
     return json.loads(server.registry.latest_published().manifest_json)
 
 

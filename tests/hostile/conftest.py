@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.auth import RateLimiter
 from coordinator.bootstrap import InitOptions, init_home
+from coordinator.clock import ManualClock
 from coordinator.home import Home
 from coordinator.server import CoordinatorServer
 from protocol import ddm_pb2 as pb
@@ -51,7 +52,7 @@ def server(template, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     home = root / "home"
     shutil.copytree(template, home)
-    srv = CoordinatorServer(Home(home), "127.0.0.1:0")
+    srv = CoordinatorServer(Home(home), "127.0.0.1:0", clock=ManualClock())
     # Every anonymous Enroll here comes from 127.0.0.1, and many are refused on purpose; the
     # per-address limit on failed enrollments (tested in tests/coordinator/test_limits.py) would
     # soon answer all of them alike. This suite is about what each field does, so it gets room.

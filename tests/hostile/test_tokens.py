@@ -4,7 +4,6 @@ callers at once, and after the island they enrolled is revoked."""
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from grpc import StatusCode as S
@@ -35,7 +34,7 @@ def test_an_invite_enrolls_once(server):
 
 def test_an_expired_invite_is_refused_and_stays_unused(server):
     token = server.registry.create_invite("island", 0.05)
-    time.sleep(0.2)
+    server.clock.advance(0.2)
     before = registry_state(server)
     check(redeem(server, token), {S.UNAUTHENTICATED: "expired"}, "an expired token")
     check(redeem(server, token), {S.UNAUTHENTICATED: "expired"}, "an expired token, again")
