@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +17,9 @@ from ddm_model.progress import console as err_console
 from protocol.trust import TrustError
 
 from .state import DEFAULT_STATE_DIR
+
+if TYPE_CHECKING:
+    from .tls import TlsSettings
 
 # gRPC's C core prints handshake and connection chatter at INFO; errors reach the user as one line.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -47,11 +53,43 @@ def state_dir(value: Path | None) -> Path:
     return value or Path(os.environ.get("DDM_STATE_DIR", DEFAULT_STATE_DIR))
 
 
-def tls_flags(fingerprint: str | None, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool):
-    """The TLS flags as given; $DDM_TLS_FINGERPRINT and the saved settings fill in the rest."""
-    from .tls import TlsSettings
+def _flag(name: str, annotation: type, option) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=annotation)
 
-    return TlsSettings(fingerprint=fingerprint, ca=ca, client_cert=cert, client_key=key, insecure=insecure)
+
+TLS_FLAGS = (
+    _flag("tls_fingerprint", str, typer.Option(None, help=TLS_FINGERPRINT_HELP)),
+    _flag("tls_ca", Path, typer.Option(None, help=TLS_CA_HELP)),
+    _flag("tls_client_cert", Path, typer.Option(None, help=TLS_CLIENT_CERT_HELP)),
+    _flag("tls_client_key", Path, typer.Option(None, help=TLS_CLIENT_KEY_HELP)),
+    _flag("insecure", bool, typer.Option(False, "--insecure", help=INSECURE_HELP)),
+)
+
+
+def tls_flags(command):
+    """A command that reaches the coordinator: its ``tls`` parameter becomes the TLS flags
+    (--tls-fingerprint, --tls-ca, --tls-client-cert, --tls-client-key, --insecure), listed in
+    its place, and the command receives them as one TlsSettings, as given: $DDM_TLS_FINGERPRINT
+    and the settings saved with the island's identity fill in the rest later."""
+    signature = inspect.signature(command)
+    parameters = []
+    for parameter in signature.parameters.values():
+        parameters.extend(TLS_FLAGS if parameter.name == "tls" else [parameter])
+
+    @functools.wraps(command)
+    def with_tls(*, tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure, **options):
+        from .tls import TlsSettings
+
+        try:
+            tls = TlsSettings(tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure)
+        except (DDMError, TrustError, OSError) as exc:
+            fail(str(exc))
+        return command(tls=tls, **options)
+
+    with_tls.__signature__ = signature.replace(parameters=parameters)
+    # typer resolves the other parameters' annotations from these; ``tls`` is no longer one.
+    with_tls.__annotations__ = {name: hint for name, hint in command.__annotations__.items() if name != "tls"}
+    return with_tls
 
 
 @app.callback()
@@ -60,6 +98,7 @@ def island() -> None:
 
 
 @app.command()
+@tls_flags
 def join(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     token: str = typer.Option(
@@ -81,11 +120,7 @@ def join(
         help="Siloed mode: this island's own data (image folder, .npz or 'fashion-mnist[-test][:FOLDER]');"
         " it never leaves.",
     ),
-    tls_fingerprint: str = typer.Option(None, help=TLS_FINGERPRINT_HELP),
-    tls_ca: Path = typer.Option(None, help=TLS_CA_HELP),
-    tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),
-    tls_client_key: Path = typer.Option(None, help=TLS_CLIENT_KEY_HELP),
-    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    tls: TlsSettings = None,
     share_counts: bool = typer.Option(
         False,
         "--share-counts",
@@ -97,7 +132,6 @@ def join(
     from .island import JoinOptions, run_island
 
     try:
-        tls = tls_flags(tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure)
         code = run_island(
             JoinOptions(
                 coordinator=coordinator,
@@ -120,6 +154,7 @@ def join(
 
 
 @app.command()
+@tls_flags
 def download(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the ensemble."),
@@ -130,17 +165,12 @@ def download(
         help="A reader (or island) invite, if the state folder holds no identity ($DDM_TOKEN).",
     ),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
-    tls_fingerprint: str = typer.Option(None, help=TLS_FINGERPRINT_HELP),
-    tls_ca: Path = typer.Option(None, help=TLS_CA_HELP),
-    tls_client_cert: Path = typer.Option(None, help=TLS_CLIENT_CERT_HELP),
-    tls_client_key: Path = typer.Option(None, help=TLS_CLIENT_KEY_HELP),
-    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    tls: TlsSettings = None,
 ) -> None:
     """Fetch the published ensemble (resumable) and verify every signature and hash."""
     from .ensemble import download_ensemble
 
     try:
-        tls = tls_flags(tls_fingerprint, tls_ca, tls_client_cert, tls_client_key, insecure)
         folder = download_ensemble(coordinator, out_dir, state_dir(state_dir_), fingerprint, token, tls)
     except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))

@@ -51,6 +51,13 @@ def tofu_warning(fingerprint: str) -> None:
     )
 
 
+# What AcquireLeaseRequest.local_dataset carries for an island with its own copy of the shared
+# dataset: the coordinator only asks whether it is set (then it sends an index list, not a
+# shard), and where the copy lies on the island's disk, or what the island calls it, is none of
+# its business. The island checks its copy against the lease's dataset fingerprint itself.
+OWN_COPY = "own-copy"
+
+
 class LeaseLost(ClientError):
     """The coordinator gave the lease's expert to another island."""
 
@@ -366,7 +373,7 @@ def run_island(opts: JoinOptions) -> int:
     conn = Connection(opts.coordinator, identity.credential, tls=tls)
     try:
         while True:
-            reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=opts.dataset or ""))
+            reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=OWN_COPY if opts.dataset else ""))
             state.remember_tls(identity, tls)
             if reply.WhichOneof("result") == "no_work":
                 console.print(f"no work: {reply.no_work.reason}", highlight=False)

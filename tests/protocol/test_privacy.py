@@ -11,7 +11,10 @@ from protocol import ddm_pb2
 # Every field an island (or a downloader) sends, by request message, with what fills it.
 REVIEWED = {
     "EnrollRequest": {"token": "the invite token", "name": "a name the operator chose (hostname by default)"},
-    "AcquireLeaseRequest": {"local_dataset": "shared mode only: the name of the island's copy; empty in siloed mode"},
+    "AcquireLeaseRequest": {
+        "local_dataset": "the fixed marker client.island.OWN_COPY when `join --dataset` names a local copy of the"
+        " shared dataset (never the copy's name or path), else empty (a siloed island passes --data instead)"
+    },
     "HeartbeatRequest": {
         "lease_id": "identifier",
         "step": "training step",
