@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from ddm_model import __version__
 from ddm_model.errors import DDMError
 from ddm_model.progress import console as err_console
 
-# gRPC's C core prints handshake and connection chatter at INFO; errors reach the user as one line.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-app = typer.Typer(
-    help="Coordinate a Decentralized Diffusion Model: cluster the data, lease experts to islands, "
-    "validate and sign their checkpoints, train the router and publish the ensemble.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-out = Console()
-
-HOME_HELP = "Coordinator home folder (default: $DDM_HOME)."
-
-
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _home(home: Path | None):
-    from .home import Home, resolve_home
-
-    return Home(resolve_home(home))
+from . import cli_registry
+from .cli_common import HOME_HELP, app, fail, out
+from .cli_common import home_of as _home
 
 
 @app.command()
@@ -247,217 +224,15 @@ def tls(
     print(fingerprint)
 
 
-@app.command()
-def invite(
-    home: Path = typer.Option(None, help=HOME_HELP),
-    role: str = typer.Option("island", help="island (trains experts) or reader (downloads only)."),
-    ttl_hours: float = typer.Option(24.0, help="Hours until the token expires."),
-    address: str = typer.Option("HOST:50051", help="HOST:PORT islands reach this coordinator at, for the hint."),
-) -> None:
-    """Print a single-use, expiring invite token (the last line of output), after a command that uses it."""
-    from .keys import SigningKey
-    from .registry import Registry
-    from .tls import home_fingerprint
-
-    if ttl_hours <= 0:
-        fail("--ttl-hours must be positive")
-    try:
-        h = _home(home)
-        config = h.load_config()
-        key = SigningKey.load(h.key_path).fingerprint
-        registry = Registry(h.database_url(config))
-        token = registry.create_invite(role, ttl_hours * 3600)
-        registry.close()
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    tls_fp = home_fingerprint(h)
-    tls = f"--tls-fingerprint {tls_fp}" if tls_fp else "--tls-ca CA.pem"
-    if not tls_fp:
-        out.print(f"note: {h.root} has no TLS certificate yet; create one with `ddm-coordinator tls`", highlight=False)
-    if role == "reader":
-        hint = f"ddm-client download --coordinator {address} {tls} --fingerprint {key} --out ensemble/ --token {token}"
-    else:
-        hint = f"ddm-client join --coordinator {address} {tls} --fingerprint {key} --token {token}"
-    out.print(f"on the {role}'s machine:", highlight=False)
-    print(f"  {hint}")
-    out.print(f"single-use {role} invite, valid for {ttl_hours:g} h:")
-    print(token)
-
-
-@app.command()
-def status(
-    home: Path = typer.Option(None, help=HOME_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    events: int = typer.Option(
-        None, min=0, help="Show the last N events of the log (default: 10 in the tables, none in --json)."
-    ),
-) -> None:
-    """Show islands, experts, leases, router and ensemble state, the key fingerprint and the
-    latest events (`ddm-coordinator events` shows more)."""
-    from .keys import SigningKey
-    from .registry import Registry
-    from .status import build_status, render_status
-
-    if events is None:
-        events = 0 if as_json else 10
-    try:
-        h = _home(home)
-        config = h.load_config()
-        registry = Registry(h.database_url(config))
-        fingerprint = SigningKey.load(h.key_path).fingerprint
-        report = build_status(h, config, registry, fingerprint, events=events)
-        registry.close()
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        render_status(report, out)
-
-
-@app.command()
-def events(
-    home: Path = typer.Option(None, help=HOME_HELP),
-    island: str = typer.Option(None, help="Only the events of this island."),
-    kind: str = typer.Option(None, help="Only events of this kind (enroll, lease, signed, revoked, ...)."),
-    limit: int = typer.Option(50, min=0, help="The last N matching events (0: all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
-    """Show the append-only event log: every state change, oldest first."""
-    from .registry import Registry
-    from .status import build_events, render_events
-
-    try:
-        h = _home(home)
-        registry = Registry(h.database_url(h.load_config()))
-        rows = build_events(registry, limit=limit or None, island_id=island, kind=kind)
-        registry.close()
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        render_events(rows, out, title=f"{len(rows)} events")
-
-
-@app.command()
-def revoke(
-    island: str = typer.Argument(..., help="The island's id (as `ddm-coordinator status` lists it)."),
-    home: Path = typer.Option(None, help=HOME_HELP),
-    reason: str = typer.Option("", help="Why; the island is told, and the event log keeps it."),
-    exclude: bool = typer.Option(
-        False, "--exclude", help="Also drop its signed experts and republish the ensemble without them."
-    ),
-) -> None:
-    """End an island's access at once (also while `serve` runs): its leases end, its unfinished
-    uploads are discarded; with --exclude its experts open again for other islands and the
-    ensemble is republished without them."""
-    from .registry import Registry
-    from .store import Store
-
-    try:
-        h = _home(home)
-        config = h.load_config()
-        registry = Registry(h.database_url(config), lease_seconds=config.lease_seconds)
-        store = Store(h.artifacts, h.staging)
-        done = registry.revoke(island, reason, exclude=exclude)
-        for upload_id in done.uploads:
-            store.discard_staged(upload_id)
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    out.print(f"revoked island {done.island_id} ({done.reason}); its next call is refused", highlight=False)
-    leases = ", ".join(f"{lease} (expert {expert})" for lease, expert in done.leases)
-    out.print(f"leases ended: {leases or 'none'}; their experts are open again", highlight=False)
-    out.print(f"uploads discarded: {', '.join(done.uploads) or 'none'}", highlight=False)
-    if exclude:
-        out.print(f"experts reopened: {', '.join(map(str, done.experts)) or 'none'}", highlight=False)
-        out.print(f"ensembles withdrawn: {', '.join(map(str, done.withdrawn)) or 'none'}", highlight=False)
-        if done.stopped:
-            out.print(f"assemblies stopped: {', '.join(map(str, done.stopped))}", highlight=False)
-        if done.withdrawn or done.stopped:
-            _republish(h, config, registry, store)
-    registry.close()
-
-
-def _republish(h, config, registry, store) -> None:
-    """After an exclusion: publish the ensemble again over the experts still signed."""
-    signed = sum(e.state == "signed" for e in registry.experts())
-    if signed < 2:
-        out.print(
-            f"not republished: {signed} signed expert(s) remain and an ensemble needs 2; the excluded experts"
-            " are open for other islands to retrain",
-            highlight=False,
-        )
-        return
-    from .assemble import Assembler  # torch: imported only when a router is to be trained
-    from .keys import SigningKey
-
-    try:
-        assembler = Assembler(h, config, registry, store, SigningKey.load(h.key_path))
-        ensemble_id = assembler.run(progress=True)
-    except (DDMError, OSError) as exc:
-        fail(f"the revocation stands, but republishing failed: {exc}; retry with `ddm-coordinator assemble`")
-    out.print(f"published ensemble {ensemble_id} over the {signed} remaining signed experts", highlight=False)
-
-
-@app.command()
-def check(
-    home: Path = typer.Option(None, help=HOME_HELP),
-    rehash: bool = typer.Option(False, "--hash", help="Also re-hash every artifact (reads the whole store)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be changed; change nothing."),
-) -> None:
-    """Check the registry's integrity and reconcile it with the artifact store, as `serve` does on
-    start: remove what crashes leave behind, flag lost artifacts. Exits 1 if any is lost."""
-    from .home import HomeBusy, HomeLock
-    from .reconcile import reconcile
-    from .registry import Registry
-    from .store import Store
-
-    logging.getLogger("ddm.coordinator").addHandler(logging.NullHandler())  # the summary below says it all
-    lock = None
-    try:
-        h = _home(home)
-        config = h.load_config()
-        try:
-            lock = None if dry_run else HomeLock(h)
-        except HomeBusy as busy:
-            out.print(f"{busy}: reporting only, nothing is changed", highlight=False)
-        registry = Registry(h.database_url(config))
-        result = reconcile(h, registry, Store(h.artifacts, h.staging), rehash=rehash, repair=lock is not None)
-        registry.close()
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    finally:
-        if lock is not None:
-            lock.release()
-    for line in result.actions:
-        out.print(f"  {line}", highlight=False)
-    for line in result.notes:
-        out.print(f"  note: {line}", highlight=False)
-    for line in result.problems:
-        out.print(f"  [red]problem:[/red] {line}", highlight=False)
-    out.print(result.summary(), highlight=False)
-    raise typer.Exit(1 if result.problems else 0)
-
-
-@app.command()
-def assemble(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
-    """Train the router over the experts signed so far (at least 2) and publish the ensemble."""
-    from .assemble import Assembler
-    from .keys import SigningKey
-    from .registry import Registry
-    from .store import Store
-
-    try:
-        h = _home(home)
-        config = h.load_config()
-        registry = Registry(h.database_url(config), lease_seconds=config.lease_seconds)
-        assembler = Assembler(h, config, registry, Store(h.artifacts, h.staging), SigningKey.load(h.key_path))
-        ensemble_id = assembler.run(progress=True)
-        registry.close()
-    except (DDMError, OSError) as exc:
-        fail(str(exc))
-    out.print(f"published ensemble {ensemble_id}")
+for command in (
+    cli_registry.invite,
+    cli_registry.status,
+    cli_registry.events,
+    cli_registry.revoke,
+    cli_registry.check,
+    cli_registry.assemble,
+):
+    app.command()(command)
 
 
 @app.command()
