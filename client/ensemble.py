@@ -129,7 +129,7 @@ def _load(folder: Path, member: Member, device: str):
     return load_checkpoint(folder / member.name, expect_kind=member.kind, expect_config=member.config, device=device)[0]
 
 
-def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, dict]:
+def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, Manifest]:
     """The routed ensemble of a folder that ``verified_manifest`` accepts, and its manifest. The
     manifest's shares (uniform when it has none) become the ensemble's p(k) and, with per-class
     counts, p(k | y): the (classes, experts) table is the transpose of the per-expert counts."""
@@ -139,10 +139,10 @@ def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple
     shares = check_shares(manifest.shares, len(experts))  # checked by Manifest.verified already
     classes = shares["classes"]
     class_prior = [list(row) for row in zip(*classes, strict=True)] if classes and classes[0] else None
-    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest.data
+    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest
 
 
-def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, Manifest]:
     """The distilled student of a folder that ``verified_manifest`` accepts, and its manifest."""
     manifest = verified_manifest(folder, trusted)
     student = [m for m in manifest.members if m.kind == "student"]
@@ -150,4 +150,4 @@ def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") 
         raise TrustError(
             f"the ensemble in {folder} has no distilled student; run `ddm-coordinator distill` and download again"
         )
-    return _load(folder, student[0], device), manifest.data
+    return _load(folder, student[0], device), manifest

@@ -68,14 +68,14 @@ def sample_images(folder: Path, trusted: set[str], opts: SampleOptions) -> torch
         raise UsageError(f"unknown model {opts.model!r}; use one of {', '.join(MODELS)}")
     if opts.model == "student":
         student, manifest = load_verified_student(folder, trusted, opts.device)
-        config, what = manifest["student"]["config"], "student"
+        config, what = manifest.student["config"], "student"
         num_classes = config.get("num_classes", 0)
         labels = class_labels(opts, num_classes)
         model = guided(student, opts.cfg, num_classes) if labels is not None else student
     else:
         ensemble, manifest = load_verified(folder, trusted, opts.device)
         parse_routing(opts.routing, len(ensemble))
-        config, what = manifest["experts"][0]["entry"]["config"], opts.routing
+        config, what = manifest.entries[0]["config"], opts.routing
         num_classes = config.get("num_classes", 0)
         labels = class_labels(opts, num_classes)
         if labels is not None and opts.cfg != 1.0:

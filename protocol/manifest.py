@@ -97,6 +97,10 @@ class Manifest:
             raise TrustError(f"{what} is malformed ({type(exc).__name__}: {exc})") from None
         return cls(manifest.data, tuple(found))
 
+    def __getitem__(self, key: str):
+        """The manifest's JSON fields, read as from the object itself."""
+        return self.data[key]
+
     @property
     def ensemble_id(self) -> int | None:
         return self.data.get("ensemble_id")
