@@ -51,7 +51,7 @@ from .dit import DiT, DiTConfig
 from .ensemble import mix, shares
 from .errors import UsageError
 from .flow import TimeSampler, Velocity, call_velocity, drop_labels, integrate, noised
-from .train import Objective, ProgressCallback, TrainConfig, TrainError, TrainResult, fit, seeded
+from .train import Objective, ProgressCallback, RunOptions, TrainConfig, TrainError, TrainResult, fit, seeded
 
 DEFAULT_DATA_WEIGHT = 0.25
 
@@ -119,7 +119,8 @@ def train_student(
     A class-conditional ``student_cfg`` (``num_classes > 0``, the teachers' own) learns from
     ``dataset.labels``: teacher and student see each sample's label, or both the null label
     at the rate ``student_cfg.class_dropout``. An unconditional student ignores any labels
-    and calls its teachers without one (a class-conditional teacher then uses its null label)."""
+    and calls its teachers without one (a class-conditional teacher then uses its null label).
+    The arguments from ``checkpoint_dir`` on are the run's ``train.RunOptions``."""
     teacher_of = torch.as_tensor(teacher_of, dtype=torch.int64)
     if teacher_of.shape != (len(dataset),):
         raise TrainError(f"{len(dataset)} samples but {teacher_of.shape[0]} teacher labels")
@@ -162,11 +163,7 @@ def train_student(
         distill_objective(teachers, cfg.times, data_weight, student_cfg.num_classes, student_cfg.class_dropout),
         cfg,
         identity,
-        checkpoint_dir,
-        progress,
-        description,
-        on_progress,
-        stop,
+        RunOptions(checkpoint_dir, progress, description, on_progress, stop),
     )
 
 

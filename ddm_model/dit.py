@@ -179,6 +179,7 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, D, H / p, W / p) -> (B, T, D), where T = H * W / p ** 2, plus pos (1, T, D)
         return self.proj(x).flatten(2).transpose(1, 2) + self.pos
 
 
@@ -196,11 +197,12 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (1000.0 * t.float()).unsqueeze(1) * freqs.unsqueeze(0)
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=1))
+        args = (1000.0 * t.float()).unsqueeze(1) * freqs.unsqueeze(0)  # (B, freq_dim / 2)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=1))  # (B, freq_dim) -> (B, D)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x (B, T, D); shift and scale (B, D), the same for every token
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -214,10 +216,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
+        b, n, d = x.shape  # (B, T, D)
+        # (B, T, 3 * D) -> (3, B, heads, T, D / heads): q, k and v
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D / heads)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, T, D)
 
 
 class Block(nn.Module):
@@ -238,9 +241,10 @@ class Block(nn.Module):
         nn.init.zeros_(self.adaLN[1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        # x (B, T, D) tokens, c (B, D) conditioning
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # (B, D) each
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,20 +279,23 @@ class DiT(nn.Module):
         return self.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.t_embed(t)
+        """x (B, C, H, W) images, t (B,) times in [0, 1], y (B,) class labels or None."""
+        c = self.t_embed(t)  # (B, D)
         if self.num_classes:
             if y is None:
-                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            c = c + self.y_embed(y)
-        h = self.embed(x)
+                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)  # (B,)
+            c = c + self.y_embed(y)  # (B, D)
+        h = self.embed(x)  # (B, T, D), where T = H * W / patch ** 2
         for block in self.blocks:
-            h = block(h, c)
-        shift, scale = self.final_adaLN(c).chunk(2, dim=1)
-        h = self.out(modulate(self.final_norm(h), shift, scale))
-        return self.unpatchify(h)
+            h = block(h, c)  # (B, T, D)
+        shift, scale = self.final_adaLN(c).chunk(2, dim=1)  # (B, D) each
+        h = self.out(modulate(self.final_norm(h), shift, scale))  # (B, T, patch ** 2 * C)
+        return self.unpatchify(h)  # (B, C, H, W)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, p ** 2 * C) patch tokens, row by row, -> (B, C, H, W), where H = W = p * sqrt(T)."""
         b, p, c = h.shape[0], self.patch, self.channels
-        g = self.embed.grid
-        h = h.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(b, c, g * p, g * p)
+        g = self.embed.grid  # patches per side, sqrt(T)
+        # (B, g, g, p, p, C): patch row, patch column, row and column in the patch, channel
+        h = h.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return h.reshape(b, c, g * p, g * p)  # (B, C, H, W)

@@ -48,6 +48,24 @@ class TrainStopped(TrainError):
 ProgressCallback = Callable[[int, float, float], None]  # (step, mean loss, images per second)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how one call of the loop runs; none of it changes the weights it produces.
+
+    ``checkpoint_dir`` holds the resume file (none is written without one); ``progress`` is a
+    rich ``Progress`` to add a bar to, or whether to show one of the loop's own; ``description``
+    names the run on the bar and in errors; ``on_progress`` is called after every log window;
+    setting ``stop`` makes the loop save its resume state and raise ``TrainStopped`` at the next
+    step.
+    """
+
+    checkpoint_dir: str | Path | None = None
+    progress: Progress | bool = True
+    description: str = "train"
+    on_progress: ProgressCallback | None = None
+    stop: threading.Event | None = None
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -171,16 +189,13 @@ def fit(
     objective: Objective,
     cfg: TrainConfig,
     identity: dict,
-    checkpoint_dir: str | Path | None = None,
-    progress: Progress | bool = True,
-    description: str = "train",
-    on_progress: ProgressCallback | None = None,
-    stop: threading.Event | None = None,
+    run: RunOptions = RunOptions(),
 ) -> TrainResult:
     """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps.
 
-    ``on_progress`` is called after every log window; setting ``stop`` makes the loop save its
-    resume state and raise ``TrainStopped`` at the next step.
+    ``identity`` names the model and data; a resume file in ``run.checkpoint_dir`` is continued
+    only if it carries the same identity and ``cfg.run_identity()``. A loss or weight that is
+    not finite ends the run with ``TrainError``; no state past it is saved or returned.
     """
     if images.shape[0] == 0:
         raise TrainError("cannot train on an empty dataset")
@@ -198,7 +213,7 @@ def fit(
     flops_per_step = _measure_step_flops(model, images, targets, objective, cfg.batch_size)
     identity = {**identity, "train": cfg.run_identity()}
     step, losses = 0, []
-    resume_path = Path(checkpoint_dir) / RESUME_FILE if checkpoint_dir is not None else None
+    resume_path = Path(run.checkpoint_dir) / RESUME_FILE if run.checkpoint_dir is not None else None
     if resume_path is not None and resume_path.exists():
         state = torch.load(resume_path, map_location=device, weights_only=True)
         if state["identity"] != identity:
@@ -215,7 +230,34 @@ def fit(
         else:
             generator.manual_seed(cfg.seed + step)
 
+    forward = torch.compile(model) if cfg.compile and cuda else model
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    window_loss = torch.zeros((), device=device)
+    window_losses: list[torch.Tensor] = []  # the open window's losses, left on the device
+
+    # Finiteness is checked only where the loop waits for the device anyway: at the end of a log
+    # window (its mean loss is read back) and before a resume file is written or the weights are
+    # returned. Testing each step's loss on the host would stall a GPU once a step. A bad loss is
+    # still caught, at most log_every steps late, and nothing past it is saved or returned.
+    def check_finite(weights: bool) -> None:
+        if window_losses:
+            finite = torch.isfinite(torch.stack(window_losses))
+            if not finite.all():
+                i = int(finite.logical_not().nonzero()[0])
+                bad_step = step - len(window_losses) + i
+                raise TrainError(
+                    f"{run.description}: loss became {window_losses[i].item()} at step {bad_step};"
+                    " lower the learning rate"
+                )
+        # A finite loss can still have a non-finite gradient, so the weights are checked too.
+        if weights and not torch.stack([torch.isfinite(p).all() for p in params + ema_params]).all():
+            raise TrainError(
+                f"{run.description}: the weights became non-finite by step {step}; lower the learning rate"
+            )
+
     def save_resume() -> None:
+        check_finite(weights=True)
         if resume_path is None:
             return
         state = {
@@ -231,19 +273,15 @@ def fit(
         with atomic_path(resume_path) as tmp:
             torch.save(state, tmp)
 
-    forward = torch.compile(model) if cfg.compile and cuda else model
-    params = [p for p in model.parameters()]
-    ema_params = [p for p in ema.parameters()]
     start_step, started = step, time.perf_counter()
-    window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
-    with maybe_progress(progress) as bar:
+    with maybe_progress(run.progress) as bar:
         resumed = f"resumed at step {step}" if step else ""
-        task = bar.add_task(description, total=cfg.steps, completed=step, info=resumed) if bar else None
+        task = bar.add_task(run.description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
-            if stop is not None and stop.is_set():
+            if run.stop is not None and run.stop.is_set():
                 save_resume()
-                raise TrainStopped(f"{description}: stopped at step {step}; the resume state is saved")
+                raise TrainStopped(f"{run.description}: stopped at step {step}; the resume state is saved")
             index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
             x = images[index]
             y = None if targets is None else targets[index]
@@ -251,9 +289,6 @@ def fit(
                 group["lr"] = _lr_at(cfg, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and cuda):
                 loss = objective(forward, x, y, generator)
-            if not torch.isfinite(loss):
-                save_resume()
-                raise TrainError(f"{description}: loss became {loss.item()} at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -264,18 +299,22 @@ def fit(
                 for e, p in zip(ema_params, params, strict=True):
                     e.lerp_(p, 1.0 - decay)
             step += 1
-            window_loss += loss.detach()
+            loss = loss.detach()
+            window_loss += loss
+            window_losses.append(loss)
             window_steps += 1
             if window_steps == cfg.log_every or step == cfg.steps:
+                check_finite(weights=False)
                 mean_loss = (window_loss / window_steps).item()
                 losses.append(mean_loss)
                 now = time.perf_counter()
                 rate = window_steps * cfg.batch_size / (now - window_start)
                 if bar:
                     bar.update(task, completed=step, info=f"loss {mean_loss:.4f}  {rate:,.0f} img/s")
-                if on_progress is not None:
-                    on_progress(step, mean_loss, rate)
+                if run.on_progress is not None:
+                    run.on_progress(step, mean_loss, rate)
                 window_loss.zero_()
+                window_losses.clear()
                 window_steps, window_start = 0, now
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_resume()
@@ -336,7 +375,8 @@ def train_expert(
 ) -> TrainResult:
     """Train one flow-matching DiT on exactly the samples of ``dataset``.
 
-    For an expert, pass one cluster's subset; for a monolith, the whole dataset.
+    For an expert, pass one cluster's subset; for a monolith, the whole dataset. The arguments
+    from ``checkpoint_dir`` on are the run's ``RunOptions``.
     """
     if model_cfg.image_size != dataset.image_size or model_cfg.in_channels != dataset.channels:
         raise TrainError(
@@ -360,11 +400,7 @@ def train_expert(
         objective,
         cfg,
         identity,
-        checkpoint_dir,
-        progress,
-        description,
-        on_progress,
-        stop,
+        RunOptions(checkpoint_dir, progress, description, on_progress, stop),
     )
 
 
@@ -382,7 +418,8 @@ def train_router(
     """Train r(x_t, t[, y]) to name the cluster of each sample from its noised version.
 
     A class-conditional router (``router_cfg.num_classes``) also sees each sample's label,
-    replaced by the null label with probability ``class_dropout`` as the experts' is.
+    replaced by the null label with probability ``class_dropout`` as the experts' is. The
+    arguments from ``checkpoint_dir`` on are the run's ``RunOptions``.
     """
     clusters = torch.as_tensor(clusters, dtype=torch.int64)
     if clusters.shape != (len(dataset),):
@@ -421,11 +458,7 @@ def train_router(
         objective,
         cfg,
         identity,
-        checkpoint_dir,
-        progress,
-        description,
-        on_progress,
-        stop,
+        RunOptions(checkpoint_dir, progress, description, on_progress, stop),
     )
 
 

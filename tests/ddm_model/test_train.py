@@ -76,6 +76,65 @@ def test_resume_refuses_a_different_run(digits, tmp_path):
         )
 
 
+def poison(monkeypatch, at_step, bad):
+    """Replace the loss of training step ``at_step`` (counted from 0) by ``bad(model, loss)``."""
+    from ddm_model import train as train_module
+
+    original = train_module.flow_matching_loss
+    calls = []
+
+    def spy(model, x1, times, generator, y=None):
+        loss = original(model, x1, times, generator, y)
+        calls.append(loss)
+        return bad(model, loss) if len(calls) == at_step + 2 else loss  # the first call measures FLOPs
+
+    monkeypatch.setattr(train_module, "flow_matching_loss", spy)
+
+
+def all_finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_a_loss_gone_non_finite_mid_window_stops_the_run_and_nothing_past_it_is_saved(digits, tmp_path, monkeypatch):
+    """The loss is checked at the end of each log window and before each resume file, not every
+    step: a NaN at step 6 of the window 5..9 is caught before the resume file due at step 8."""
+    shard = digits.subset(range(200))
+    cfg = DiTConfig("tiny", 8, 1)
+    train = small_cfg(log_every=5, checkpoint_every=4)
+    poison(monkeypatch, 6, lambda model, loss: loss * float("nan"))  # NaN gradients: the weights go NaN too
+    with pytest.raises(TrainError, match=r"^expert: loss became nan at step 6; lower the learning rate$"):
+        train_expert(shard, cfg, train, tmp_path / "bad", progress=False)
+    state = torch.load(tmp_path / "bad" / RESUME_FILE, weights_only=True)
+    assert state["step"] == 4  # the last resume file before the bad step stays
+    assert all_finite(state["model"].values()) and all_finite(state["ema"].values())
+    assert all(all_finite(moments.values()) for moments in state["optimizer"]["state"].values())
+    # and it is usable: resumed, it gives the weights of a run that never went bad
+    monkeypatch.undo()
+    resumed = train_expert(shard, cfg, train, tmp_path / "bad", progress=False)
+    straight = train_expert(shard, cfg, train, tmp_path / "good", progress=False)
+    assert resumed.resumed_from == 4 and resumed.steps == 20
+    assert_same_weights(straight.model, resumed.model)
+
+
+def test_weights_gone_non_finite_under_a_finite_loss_are_neither_saved_nor_returned(digits, tmp_path, monkeypatch):
+    def nan_gradient(model, loss):
+        # sqrt(0) adds nothing to the loss, but its slope is infinite: the gradient is inf * 0 = NaN
+        return loss + (next(model.parameters()) * 0).sum().sqrt()
+
+    shard = digits.subset(range(100))
+    cfg = DiTConfig("tiny", 8, 1)
+    poison(monkeypatch, 9, nan_gradient)  # the last step: no later loss shows it
+    message = r"^expert: the weights became non-finite by step 10; lower the learning rate$"
+    with pytest.raises(TrainError, match=message):
+        train_expert(shard, cfg, small_cfg(steps=10, checkpoint_every=5), tmp_path, progress=False)
+    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    assert state["step"] == 5 and all_finite(state["model"].values()) and all_finite(state["ema"].values())
+    monkeypatch.undo()
+    poison(monkeypatch, 9, nan_gradient)
+    with pytest.raises(TrainError, match=message):  # without a resume file: nothing is returned
+        train_expert(shard, cfg, small_cfg(steps=10, checkpoint_every=0), None, progress=False)
+
+
 KILL_SCRIPT = """
 import sys
 from ddm_model.data import load_digits
