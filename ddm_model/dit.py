@@ -250,7 +250,33 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class DiT(nn.Module):
+class Conditioned(nn.Module):
+    """The conditioning the experts and the router share: c = t embedding, plus a class label's
+    embedding when ``num_classes`` (index ``num_classes`` is the null label, used for
+    classifier-free guidance and wherever no label is given)."""
+
+    def _conditioning(self, hidden: int, num_classes: int) -> None:
+        self.t_embed = TimestepEmbedder(hidden)
+        self.num_classes = num_classes
+        if num_classes:
+            self.y_embed = nn.Embedding(num_classes + 1, hidden)
+            nn.init.normal_(self.y_embed.weight, std=0.02)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """t (B,) times, y (B,) labels or None -> c (B, D)."""
+        c = self.t_embed(t)  # (B, D)
+        if self.num_classes:
+            if y is None:
+                y = torch.full((t.shape[0],), self.null_label, dtype=torch.long, device=t.device)  # (B,)
+            c = c + self.y_embed(y)  # (B, D)
+        return c
+
+
+class DiT(Conditioned):
     """The expert network: v = DiT(x_t, t, y), same shape as x_t."""
 
     def __init__(self, config: DiTConfig):
@@ -260,12 +286,7 @@ class DiT(nn.Module):
         self.patch = trunk.patch
         self.channels = config.in_channels
         self.embed = PatchEmbed(config.image_size, config.in_channels, trunk.hidden, trunk.patch)
-        self.t_embed = TimestepEmbedder(trunk.hidden)
-        self.num_classes = config.num_classes
-        if config.num_classes:
-            # Index num_classes is the null label used for classifier-free guidance.
-            self.y_embed = nn.Embedding(config.num_classes + 1, trunk.hidden)
-            nn.init.normal_(self.y_embed.weight, std=0.02)
+        self._conditioning(trunk.hidden, config.num_classes)
         self.blocks = nn.ModuleList(Block(trunk.hidden, trunk.heads, trunk.mlp_ratio) for _ in range(trunk.depth))
         self.final_norm = nn.LayerNorm(trunk.hidden, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(trunk.hidden, 2 * trunk.hidden))
@@ -274,17 +295,9 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) images, t (B,) times in [0, 1], y (B,) class labels or None."""
-        c = self.t_embed(t)  # (B, D)
-        if self.num_classes:
-            if y is None:
-                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)  # (B,)
-            c = c + self.y_embed(y)  # (B, D)
+        c = self.condition(t, y)  # (B, D)
         h = self.embed(x)  # (B, T, D), where T = H * W / patch ** 2
         for block in self.blocks:
             h = block(h, c)  # (B, T, D)

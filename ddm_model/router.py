@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import Block, ConfigError, PatchEmbed, TimestepEmbedder, TrunkConfig, check_classes, check_geometry, check_int
+from .dit import Block, Conditioned, ConfigError, PatchEmbed, TrunkConfig, check_classes, check_geometry, check_int
 from .flow import TimeSampler, integrate, interpolate, noise_like, noised
 
 MAX_CLUSTERS = 4096
@@ -60,18 +60,15 @@ class RouterConfig(TrunkConfig):
         return super().from_dict(data)
 
 
-class Router(nn.Module):
+class Router(Conditioned):
+    """r(x_t, t[, y]) -> logits over the clusters (B, K), conditioned like the experts."""
+
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
         trunk = config.trunk
         self.embed = PatchEmbed(config.image_size, config.in_channels, trunk.hidden, trunk.patch)
-        self.t_embed = TimestepEmbedder(trunk.hidden)
-        self.num_classes = config.num_classes
-        if config.num_classes:
-            # Index num_classes is the null label, as in the experts.
-            self.y_embed = nn.Embedding(config.num_classes + 1, trunk.hidden)
-            nn.init.normal_(self.y_embed.weight, std=0.02)
+        self._conditioning(trunk.hidden, config.num_classes)
         if config.head == "cls":
             self.cls = nn.Parameter(torch.zeros(1, 1, trunk.hidden))
             nn.init.normal_(self.cls, std=0.02)
@@ -81,23 +78,15 @@ class Router(nn.Module):
         nn.init.zeros_(self.head.weight)  # starts at the uniform distribution over clusters
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.t_embed(t)
-        if self.num_classes:
-            if y is None:
-                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            c = c + self.y_embed(y)
-        h = self.embed(x)
+        c = self.condition(t, y)  # (B, D)
+        h = self.embed(x)  # (B, T, D)
         if self.config.head == "cls":
-            h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+            h = torch.cat([self.cls.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)  # (B, 1 + T, D)
         for block in self.blocks:
             h = block(h, c)
-        pooled = h[:, 0] if self.config.head == "cls" else h.mean(dim=1)
-        return self.head(self.norm(pooled))
+        pooled = h[:, 0] if self.config.head == "cls" else h.mean(dim=1)  # (B, D)
+        return self.head(self.norm(pooled))  # (B, K)
 
 
 RouterFn = Callable[..., torch.Tensor]  # r(x, t) or r(x, t, y) -> logits (B, K)
