@@ -12,16 +12,13 @@ import hashlib
 import json
 import logging
 import shutil
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import numpy as np
-from sqlalchemy.exc import OperationalError
 
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
@@ -39,7 +36,6 @@ from protocol.limits import (
     MAX_UPLOADS_PER_ISLAND,
     MIN_CHUNK_BYTES,
     MiB,
-    retry_after_metadata,
 )
 from protocol.shares import COUNTS_KEY, SharesError, check_counts
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
@@ -48,58 +44,12 @@ from .bootstrap import lease_train_config
 from .faults import fault_point
 from .home import CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
-from .registry import Grant, Registry, RegistryError, Revoked, shown
+from .refusals import Refused, refuse, rpc, streaming_rpc
+from .registry import Grant, Registry, Revoked, shown
 from .status import build_status
-from .store import DiskFull, Store
+from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
-
-CODES = {
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "data_loss": grpc.StatusCode.DATA_LOSS,
-    "out_of_range": grpc.StatusCode.OUT_OF_RANGE,
-}
-
-
-class Refused(Exception):
-    """A refusal; ``retry_after`` (seconds) asks the caller to try again then."""
-
-    def __init__(self, code: str, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.code = code
-        self.retry_after = retry_after
-
-
-def refuse(context, code: str, message: str):
-    raise Refused(code, message)
-
-
-def _abort(context, method: str, exc: Exception):
-    """End the call with the status a refusal names; anything unexpected is INTERNAL and logged."""
-    island = getattr(context, "island", None)
-    who = f" (island {island.id})" if island else ""
-    if _disk_full(exc):
-        exc = DiskFull(f"the coordinator's disk is full ({exc.orig}); nothing was recorded; try again later")
-    if isinstance(exc, (Refused, RegistryError, DiskFull)):
-        log.warning("%s refused%s: %s", method, who, exc)
-        if getattr(exc, "retry_after", None):
-            context.set_trailing_metadata(retry_after_metadata(exc.retry_after))
-        context.abort(CODES[exc.code], str(exc))
-    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream; what it sent is committed
-        log.info("%s ended by the client%s: %s", method, who, exc.code() if hasattr(exc, "code") else exc)
-        return
-    log.error("%s failed%s", method, who, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
-
-
-def _disk_full(exc: Exception) -> bool:
-    """SQLite could not write (a full disk); its transaction was rolled back."""
-    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class Slots:
@@ -138,34 +88,6 @@ class Slots:
                 self._open[island_id] -= 1
                 if not self._open[island_id]:
                     del self._open[island_id]
-
-
-def rpc(method):
-    """Run an RPC; refusals become their gRPC status, unexpected errors INTERNAL."""
-
-    def wrapped(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
-
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    return wrapped
-
-
-def streaming_rpc(method):
-    """The same for an RPC that streams its reply (a generator)."""
-
-    def wrapped(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
-
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    return wrapped
 
 
 def utc_now() -> str:
