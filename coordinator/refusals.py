@@ -2,7 +2,8 @@
 
 A refusal (``Refused``, a ``RegistryError``, a full disk) ends the call in the gRPC status its
 code names, with its one-line message and, when it asks the caller to come back, a retry-after
-in the trailing metadata. Anything else is a fault of the coordinator:
+in the trailing metadata. A stream that gRPC itself ended (the client cancelled, or a message
+was over gRPC's size limit) has its status already. Anything else is a fault of the coordinator:
 INTERNAL, with the traceback in the coordinator's log. ``rpc`` and ``streaming_rpc`` wrap the
 servicer's methods so that every call ends one of these ways.
 """
@@ -48,7 +49,8 @@ def refuse(context, code: str, message: str):
 
 
 def abort(context, method: str, exc: Exception):
-    """End the call with the status a refusal names; anything unexpected is INTERNAL and logged."""
+    """End the call with the status a refusal names; anything unexpected is INTERNAL and logged.
+    Never returns: gRPC would take a returned None for the reply and fail to serialize it."""
     island = getattr(context, "island", None)
     who = f" (island {island.id})" if island else ""
     if _disk_full(exc):
@@ -58,9 +60,12 @@ def abort(context, method: str, exc: Exception):
         if getattr(exc, "retry_after", None):
             context.set_trailing_metadata(retry_after_metadata(exc.retry_after))
         context.abort(CODES[exc.code], str(exc))
-    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream; what it sent is committed
-        log.info("%s ended by the client%s: %s", method, who, exc.code() if hasattr(exc, "code") else exc)
-        return
+    if isinstance(exc, grpc.RpcError):
+        # Raised by gRPC's request iterator: the call is over and the client has its status.
+        # Raised again, gRPC knows it as its own and ends the call without a word in its log.
+        # What the stream committed before stays committed.
+        log.info("%s ended early by gRPC%s (the client cancelled, or a message was over the size limit)", method, who)
+        raise exc
     log.error("%s failed%s", method, who, exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
 
