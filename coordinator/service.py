@@ -50,6 +50,9 @@ from .status import build_status
 from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
+# Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
+# OSError, MemoryError, the database's errors, DiskFull, RegistryError (the coordinator's own).
+CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class Slots:
@@ -384,10 +387,23 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
         The header is parsed without executing anything, the expected model is rebuilt from
         the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
-        shared mode the expert must then beat an untrained model on its cluster's probe slice."""
+        shared mode the expert must then beat an untrained model on its cluster's probe slice.
+
+        Whatever the island sent, a check of it ends in a reason: an error of a bad value that
+        no check names (CONTENT_ERRORS) is one too, and is logged as a gap in the checks. The
+        coordinator's own faults (its disk, its database, its probe slice) are not caught."""
         if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
             return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
         probe = self._probe(expert.cluster_id)
+        steps = lease_train_config(self.config, expert.id).steps
+        try:
+            return self._judge(path, expert, probe, steps)
+        except CONTENT_ERRORS as exc:
+            log.warning("expert %d: no check of the upload names this error; rejected", expert.id, exc_info=exc)
+            return f"its content could not be checked ({type(exc).__name__})", {}
+
+    def _judge(self, path, expert, probe: Probe | None, steps: int) -> tuple[str | None, dict]:
+        """The checks of ``_validate`` that read what the island sent."""
         try:
             if probe is None:
                 info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
@@ -395,7 +411,6 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
         except CheckpointError as exc:
             return str(exc).replace(str(path), "the upload"), {}
-        steps = lease_train_config(self.config, expert.id).steps
         if info.cluster_id != expert.cluster_id:
             return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
         if info.data_fingerprint != expert.shard_fingerprint:
@@ -404,6 +419,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
         try:
             metrics_size = len(canonical_json(info.metrics))
+        except UnicodeError:
+            return "its metrics hold text that is not valid Unicode (a lone surrogate)", {}
         except ValueError:
             return "its metrics hold NaN or infinite numbers", {}
         if metrics_size > MAX_METRICS_BYTES:
