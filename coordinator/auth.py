@@ -36,8 +36,8 @@ from protocol.limits import (
     retry_after_metadata,
 )
 
+from .refusals import Refused
 from .registry import Island, Registry, RegistryError, revoked_message
-from .service import Refused
 
 SERVICE = "/ddm.v1.Coordinator/"
 PUBLIC = {SERVICE + "Enroll"}

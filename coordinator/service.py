@@ -12,16 +12,13 @@ import hashlib
 import json
 import logging
 import shutil
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import numpy as np
-from sqlalchemy.exc import OperationalError
 
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
@@ -39,7 +36,6 @@ from protocol.limits import (
     MAX_UPLOADS_PER_ISLAND,
     MIN_CHUNK_BYTES,
     MiB,
-    retry_after_metadata,
 )
 from protocol.shares import COUNTS_KEY, SharesError, check_counts
 from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
@@ -48,58 +44,15 @@ from .bootstrap import lease_train_config
 from .faults import fault_point
 from .home import CoordinatorConfig, Home, HomeError
 from .keys import SigningKey
-from .registry import Grant, Registry, RegistryError, Revoked, shown
+from .refusals import Refused, refuse, rpc, streaming_rpc
+from .registry import Grant, Registry, Revoked, shown
 from .status import build_status
-from .store import DiskFull, Store
+from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
-
-CODES = {
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "data_loss": grpc.StatusCode.DATA_LOSS,
-    "out_of_range": grpc.StatusCode.OUT_OF_RANGE,
-}
-
-
-class Refused(Exception):
-    """A refusal; ``retry_after`` (seconds) asks the caller to try again then."""
-
-    def __init__(self, code: str, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.code = code
-        self.retry_after = retry_after
-
-
-def refuse(context, code: str, message: str):
-    raise Refused(code, message)
-
-
-def _abort(context, method: str, exc: Exception):
-    """End the call with the status a refusal names; anything unexpected is INTERNAL and logged."""
-    island = getattr(context, "island", None)
-    who = f" (island {island.id})" if island else ""
-    if _disk_full(exc):
-        exc = DiskFull(f"the coordinator's disk is full ({exc.orig}); nothing was recorded; try again later")
-    if isinstance(exc, (Refused, RegistryError, DiskFull)):
-        log.warning("%s refused%s: %s", method, who, exc)
-        if getattr(exc, "retry_after", None):
-            context.set_trailing_metadata(retry_after_metadata(exc.retry_after))
-        context.abort(CODES[exc.code], str(exc))
-    if isinstance(exc, grpc.RpcError):  # the client went away mid-stream; what it sent is committed
-        log.info("%s ended by the client%s: %s", method, who, exc.code() if hasattr(exc, "code") else exc)
-        return
-    log.error("%s failed%s", method, who, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator; its log has the details")
-
-
-def _disk_full(exc: Exception) -> bool:
-    """SQLite could not write (a full disk); its transaction was rolled back."""
-    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+# Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
+# OSError, MemoryError, the database's errors, DiskFull, RegistryError (the coordinator's own).
+CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class Slots:
@@ -138,34 +91,6 @@ class Slots:
                 self._open[island_id] -= 1
                 if not self._open[island_id]:
                     del self._open[island_id]
-
-
-def rpc(method):
-    """Run an RPC; refusals become their gRPC status, unexpected errors INTERNAL."""
-
-    def wrapped(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
-
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    return wrapped
-
-
-def streaming_rpc(method):
-    """The same for an RPC that streams its reply (a generator)."""
-
-    def wrapped(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
-
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    return wrapped
 
 
 def utc_now() -> str:
@@ -462,10 +387,23 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
         The header is parsed without executing anything, the expected model is rebuilt from
         the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
-        shared mode the expert must then beat an untrained model on its cluster's probe slice."""
+        shared mode the expert must then beat an untrained model on its cluster's probe slice.
+
+        Whatever the island sent, a check of it ends in a reason: an error of a bad value that
+        no check names (CONTENT_ERRORS) is one too, and is logged as a gap in the checks. The
+        coordinator's own faults (its disk, its database, its probe slice) are not caught."""
         if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
             return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
         probe = self._probe(expert.cluster_id)
+        steps = lease_train_config(self.config, expert.id).steps
+        try:
+            return self._judge(path, expert, probe, steps)
+        except CONTENT_ERRORS as exc:
+            log.warning("expert %d: no check of the upload names this error; rejected", expert.id, exc_info=exc)
+            return f"its content could not be checked ({type(exc).__name__})", {}
+
+    def _judge(self, path, expert, probe: Probe | None, steps: int) -> tuple[str | None, dict]:
+        """The checks of ``_validate`` that read what the island sent."""
         try:
             if probe is None:
                 info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
@@ -473,7 +411,6 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
         except CheckpointError as exc:
             return str(exc).replace(str(path), "the upload"), {}
-        steps = lease_train_config(self.config, expert.id).steps
         if info.cluster_id != expert.cluster_id:
             return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
         if info.data_fingerprint != expert.shard_fingerprint:
@@ -482,6 +419,8 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
         try:
             metrics_size = len(canonical_json(info.metrics))
+        except UnicodeError:
+            return "its metrics hold text that is not valid Unicode (a lone surrogate)", {}
         except ValueError:
             return "its metrics hold NaN or infinite numbers", {}
         if metrics_size > MAX_METRICS_BYTES:

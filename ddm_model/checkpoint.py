@@ -34,6 +34,8 @@ MODEL_KINDS: dict[str, tuple[type, type]] = {
     "student": (DiTConfig, DiT),
 }
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# How deep lists and objects may nest in a description: a config is flat, metrics a few levels.
+MAX_DEPTH = 32
 
 
 class CheckpointError(DDMError, ValueError):
@@ -57,23 +59,24 @@ class CheckpointInfo:
 
     @classmethod
     def from_json(cls, text: str | None, where: str) -> CheckpointInfo:
+        """Parse and check a description; anything else than one raises CheckpointError."""
         if text is None:
             raise CheckpointError(f"{where} has no ddm description in its header; it was not written by ddm")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{where}: the ddm description is not valid JSON ({exc})") from None
+        data = _parse_json(text, f"{where}: the ddm description")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CheckpointError(f"{where}: unsupported checkpoint format (expected {FORMAT})")
         data.pop("format")
         known = set(cls.__dataclass_fields__)
         if set(data) - known or {"kind", "model"} - set(data):
-            raise CheckpointError(f"{where}: the ddm description has fields {sorted(data)}, expected {sorted(known)}")
+            names = [name[:40] for name in sorted(data)[:12]]
+            raise CheckpointError(f"{where}: the ddm description has fields {names}, expected {sorted(known)}")
         info = cls(**data)
-        if info.kind not in MODEL_KINDS:
+        if not isinstance(info.kind, str) or info.kind not in MODEL_KINDS:
             raise CheckpointError(
-                f"{where}: unknown model kind {info.kind!r}; expected one of {', '.join(MODEL_KINDS)}"
+                f"{where}: unknown model kind {str(info.kind)[:40]!r}; expected one of {', '.join(MODEL_KINDS)}"
             )
+        if not isinstance(info.model, dict):
+            raise CheckpointError(f"{where}: model must be an object (the model's config)")
         if info.cluster_id is not None and (isinstance(info.cluster_id, bool) or not isinstance(info.cluster_id, int)):
             raise CheckpointError(f"{where}: cluster_id must be an integer or null")
         for name in ("steps", "flops"):
@@ -83,6 +86,41 @@ class CheckpointInfo:
         if not isinstance(info.data_fingerprint, str) or not isinstance(info.metrics, dict):
             raise CheckpointError(f"{where}: data_fingerprint must be a string and metrics an object")
         return info
+
+
+def _parse_json(text: str, what: str) -> object:
+    """JSON from a stranger: CheckpointError for anything Python's parser would raise, and for
+    nesting deeper than MAX_DEPTH, which later code (repr, json.dumps) would recurse over."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what} is not valid JSON ({exc})") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise CheckpointError(f"{what} holds a number too long to read") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    if _depth_over(data, MAX_DEPTH):
+        raise CheckpointError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
+    return data
+
+
+def _depth_over(value: object, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` levels deep (without recursing)."""
+    pending = [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: line breaks and other unprintable characters escaped as repr does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def model_config(kind: str, config: dict):
@@ -205,8 +243,8 @@ def _verified(
         raise CheckpointError(f"{path} holds a {info.kind}, expected a {expect_kind}")
     try:
         cfg = model_config(info.kind, info.model)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    except ValueError as exc:  # a ConfigError, which may quote the file's field names
+        raise CheckpointError(f"{path}: {_printable(str(exc))}") from None
     if expect_config is not None and cfg.to_dict() != model_config(info.kind, expect_config).to_dict():
         raise CheckpointError(f"{path}: model config {cfg.to_dict()} differs from the expected {expect_config}")
 
