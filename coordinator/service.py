@@ -18,18 +18,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
-from ddm_model.clustering import Clustering
-from ddm_model.data import ImageDataset, load_dataset_file
-from ddm_model.probe import Probe, probe_seed
 from protocol import ddm_pb2 as pb
 from protocol import ddm_pb2_grpc
 from protocol.limits import (
     MAX_CHUNK_BYTES,
     MAX_DOWNLOADS_PER_ISLAND,
-    MAX_METRICS_BYTES,
     MAX_NAME_CHARS,
     MAX_REASON_CHARS,
     MAX_UPLOADS,
@@ -37,22 +30,19 @@ from protocol.limits import (
     MIN_CHUNK_BYTES,
     MiB,
 )
-from protocol.shares import COUNTS_KEY, SharesError, check_counts
-from protocol.trust import ENTRY_FORMAT, canonical_json, is_sha256, sha256_file
+from protocol.trust import ENTRY_FORMAT, is_sha256
 
 from .bootstrap import lease_train_config
 from .faults import fault_point
-from .home import CoordinatorConfig, Home, HomeError
+from .home import CoordinatorConfig, Home
 from .keys import SigningKey
 from .refusals import Refused, refuse, rpc, streaming_rpc
 from .registry import Grant, Registry, Revoked, shown
 from .status import build_status
 from .store import Store
+from .validate import Validator
 
 log = logging.getLogger("ddm.coordinator")
-# Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
-# OSError, MemoryError, the database's errors, DiskFull, RegistryError (the coordinator's own).
-CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class Slots:
@@ -113,20 +103,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.store = store
         self.key = key
         self.on_all_signed = on_all_signed
-        # Shared mode only: a siloed coordinator holds no data and no clustering.
-        self.clustering = None if config.mode == "siloed" else Clustering.load(home.clustering_path)
-        # Shared mode: each cluster's held-out probe slice (no island trains on it), read and
-        # scored by an untrained model once. A home made before probe slices existed has none.
-        self._probe_summary = config.clustering.get("probe") if self.clustering is not None else None
-        if self._probe_summary is not None:
-            for k in range(config.experts):
-                if not home.probe_path(k).is_file():
-                    raise HomeError(f"{home.probe_path(k)} is missing; restore the home from a backup")
-        elif self.clustering is not None:
-            log.warning("this home has no held-out probe slices: uploads are checked but not scored")
-        self._held_out: dict[int, ImageDataset] = {}
-        self._probes: dict[int, Probe] = {}
-        self._probe_lock = threading.Lock()
+        self.validator = Validator(home, config)
         self._complete_lock = threading.Lock()
         self.downloads = Slots("download", MAX_DOWNLOADS_PER_ISLAND)
         self.uploads = Slots("upload stream", MAX_UPLOADS_PER_ISLAND, MAX_UPLOADS)
@@ -171,14 +148,14 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             heartbeat_interval_s=max(1, int(self.config.heartbeat_seconds)),
             shard_fingerprint=grant.shard_fingerprint,
         )
-        if self.clustering is None:
+        if self.validator.clustering is None:
             pass  # siloed: the island's own data is its cluster; the lease names no data at all
         elif request.local_dataset:
             lease.index_list.CopyFrom(
                 pb.IndexList(
                     dataset=self.config.dataset,
                     dataset_fingerprint=self.config.dataset_fingerprint,
-                    ids=self._training_ids(grant.cluster_id).tolist(),
+                    ids=self.validator.training_ids(grant.cluster_id).tolist(),
                 )
             )
         else:
@@ -310,7 +287,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                     f"only {upload.committed_offset} of {upload.size} bytes are committed; send the rest first",
                 )
             path = self._received(upload)
-            reason, provenance = self._validate(path, upload, expert)
+            reason, provenance = self.validator.validate(path, upload, expert)
             if reason is not None:
                 self.registry.reject_upload(upload.id, reason)
                 self.store.discard_staged(upload.id)
@@ -352,103 +329,6 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             return self.store.path(upload.sha256)
         self.registry.reject_upload(upload.id, "its staged bytes are gone")
         raise Refused("failed_precondition", f"upload {upload.id} lost its staged bytes; begin a new upload")
-
-    # -- probe slices (shared mode) ------------------------------------------------------------
-
-    def _held_out_slice(self, cluster: int) -> ImageDataset | None:
-        """The cluster's probe slice as init stored it (checked against its fingerprint)."""
-        if self._probe_summary is None:
-            return None
-        with self._probe_lock:
-            if cluster not in self._held_out:
-                self._held_out[cluster] = load_dataset_file(
-                    self.home.probe_path(cluster), expect_fingerprint=self._probe_summary["fingerprints"][cluster]
-                )
-            return self._held_out[cluster]
-
-    def _training_ids(self, cluster: int) -> np.ndarray:
-        """A cluster's sample ids less its probe slice: what an island trains on."""
-        held = self._held_out_slice(cluster)
-        members = self.clustering.members(cluster)
-        return members if held is None else np.setdiff1d(members, held.ids.numpy())
-
-    def _probe(self, cluster: int) -> Probe | None:
-        held = self._held_out_slice(cluster)
-        if held is None or len(held) == 0:
-            return None
-        with self._probe_lock:
-            if cluster not in self._probes:
-                seed = probe_seed(self.config.clustering["seed"], cluster)
-                self._probes[cluster] = Probe.build(self.config.model, held.images, seed)
-            return self._probes[cluster]
-
-    def _validate(self, path, upload, expert) -> tuple[str | None, dict]:
-        """(why a received checkpoint is refused or None, the provenance of an accepted one).
-
-        The header is parsed without executing anything, the expected model is rebuilt from
-        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
-        shared mode the expert must then beat an untrained model on its cluster's probe slice.
-
-        Whatever the island sent, a check of it ends in a reason: an error of a bad value that
-        no check names (CONTENT_ERRORS) is one too, and is logged as a gap in the checks. The
-        coordinator's own faults (its disk, its database, its probe slice) are not caught."""
-        if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
-            return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
-        probe = self._probe(expert.cluster_id)
-        steps = lease_train_config(self.config, expert.id).steps
-        try:
-            return self._judge(path, expert, probe, steps)
-        except CONTENT_ERRORS as exc:
-            log.warning("expert %d: no check of the upload names this error; rejected", expert.id, exc_info=exc)
-            return f"its content could not be checked ({type(exc).__name__})", {}
-
-    def _judge(self, path, expert, probe: Probe | None, steps: int) -> tuple[str | None, dict]:
-        """The checks of ``_validate`` that read what the island sent."""
-        try:
-            if probe is None:
-                info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
-            else:
-                model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
-        except CheckpointError as exc:
-            return str(exc).replace(str(path), "the upload"), {}
-        if info.cluster_id != expert.cluster_id:
-            return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
-        if info.data_fingerprint != expert.shard_fingerprint:
-            return "it names a data fingerprint other than its cluster's", {}
-        if info.steps != steps:
-            return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
-        try:
-            metrics_size = len(canonical_json(info.metrics))
-        except UnicodeError:
-            return "its metrics hold text that is not valid Unicode (a lone surrogate)", {}
-        except ValueError:
-            return "its metrics hold NaN or infinite numbers", {}
-        if metrics_size > MAX_METRICS_BYTES:
-            return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
-        metrics, counts = dict(info.metrics), info.metrics.get(COUNTS_KEY)
-        if counts is not None:  # an island's opt-in report of its data counts (join --share-counts)
-            try:
-                counts = check_counts(counts, self.config.model.get("num_classes", 0))
-            except SharesError as exc:
-                return f"its reported data counts are refused: {exc}", {}
-            del metrics[COUNTS_KEY]
-        provenance = {
-            "kind": "expert",
-            "config": info.model,
-            "steps": info.steps,
-            "flops": info.flops,
-            "data_fingerprint": info.data_fingerprint,
-            "metrics": metrics,
-        }
-        if counts is not None:
-            provenance["counts"] = counts
-        if probe is not None:
-            verdict = probe.judge(model, self.config.probe_margin)
-            log.info("expert %d: %s", expert.id, verdict.reason)
-            if not verdict.passed:
-                return verdict.reason, {}
-            provenance["probe"] = verdict.to_dict()
-        return None, provenance
 
     def clean_staging(self) -> bool:
         """Abandon open uploads with no chunk for ``stale_upload_seconds`` and delete every staged

@@ -76,7 +76,7 @@ def raising(exc: BaseException):
 def test_an_error_no_check_names_still_rejects_the_upload(server, island, mark, good, monkeypatch, exc):  # noqa: F811
     """Should the checks ever miss a kind of hostile content, it is rejected all the same."""
     for name in ("verify_checkpoint", "load_checkpoint"):
-        monkeypatch.setattr(f"coordinator.service.{name}", raising(exc))
+        monkeypatch.setattr(f"coordinator.validate.{name}", raising(exc))
     refused_at_completion(server, island, good, mark, "could not be checked", type(exc).__name__)
 
 
@@ -89,7 +89,7 @@ def test_a_fault_of_the_coordinator_is_internal_and_keeps_the_upload(server, isl
     )
     assert island.ok("UploadChunks", [chunk(state.upload_id, 0, good)]).committed_offset == len(good)
     for name in ("verify_checkpoint", "load_checkpoint"):
-        monkeypatch.setattr(f"coordinator.service.{name}", raising(OSError(5, "Input/output error")))
+        monkeypatch.setattr(f"coordinator.validate.{name}", raising(OSError(5, "Input/output error")))
     out = island.call("CompleteUpload", pb.CompleteUploadRequest(upload_id=state.upload_id))
     check(out, {S.INTERNAL: "internal error"}, "CompleteUpload on a failing disk")
     assert registry_state(server)["uploads"][state.upload_id]["state"] == "open"

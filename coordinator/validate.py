@@ -1,0 +1,146 @@
+"""What an uploaded expert checkpoint must pass before the coordinator signs it.
+
+The header is parsed without executing anything, the expected model is rebuilt from the
+coordinator's own config, and keys, shapes, dtypes and finiteness are checked, then the
+provenance: cluster, data fingerprint, steps, metrics and any data counts the island reported.
+In shared mode the expert must also beat an untrained model on its cluster's held-out probe
+slice, which no island trains on (``training_ids`` is the cluster less that slice).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
+from ddm_model.clustering import Clustering
+from ddm_model.data import ImageDataset, load_dataset_file
+from ddm_model.probe import Probe, probe_seed
+from protocol.limits import MAX_METRICS_BYTES
+from protocol.shares import COUNTS_KEY, SharesError, check_counts
+from protocol.trust import canonical_json, sha256_file
+
+from .bootstrap import lease_train_config
+from .home import CoordinatorConfig, Home, HomeError
+
+log = logging.getLogger("ddm.coordinator")
+# Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
+# OSError, MemoryError, the database's errors, DiskFull, RegistryError (the coordinator's own).
+CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
+
+
+class Validator:
+    def __init__(self, home: Home, config: CoordinatorConfig):
+        self.home = home
+        self.config = config
+        # Shared mode only: a siloed coordinator holds no data and no clustering.
+        self.clustering = None if config.mode == "siloed" else Clustering.load(home.clustering_path)
+        # Shared mode: each cluster's held-out probe slice (no island trains on it), read and
+        # scored by an untrained model once. A home made before probe slices existed has none.
+        self._probe_summary = config.clustering.get("probe") if self.clustering is not None else None
+        if self._probe_summary is not None:
+            for k in range(config.experts):
+                if not home.probe_path(k).is_file():
+                    raise HomeError(f"{home.probe_path(k)} is missing; restore the home from a backup")
+        elif self.clustering is not None:
+            log.warning("this home has no held-out probe slices: uploads are checked but not scored")
+        self._held_out: dict[int, ImageDataset] = {}
+        self._probes: dict[int, Probe] = {}
+        self._probe_lock = threading.Lock()
+
+    def _held_out_slice(self, cluster: int) -> ImageDataset | None:
+        """The cluster's probe slice as init stored it (checked against its fingerprint)."""
+        if self._probe_summary is None:
+            return None
+        with self._probe_lock:
+            if cluster not in self._held_out:
+                self._held_out[cluster] = load_dataset_file(
+                    self.home.probe_path(cluster), expect_fingerprint=self._probe_summary["fingerprints"][cluster]
+                )
+            return self._held_out[cluster]
+
+    def training_ids(self, cluster: int) -> np.ndarray:
+        """A cluster's sample ids less its probe slice: what an island trains on."""
+        held = self._held_out_slice(cluster)
+        members = self.clustering.members(cluster)
+        return members if held is None else np.setdiff1d(members, held.ids.numpy())
+
+    def _probe(self, cluster: int) -> Probe | None:
+        held = self._held_out_slice(cluster)
+        if held is None or len(held) == 0:
+            return None
+        with self._probe_lock:
+            if cluster not in self._probes:
+                seed = probe_seed(self.config.clustering["seed"], cluster)
+                self._probes[cluster] = Probe.build(self.config.model, held.images, seed)
+            return self._probes[cluster]
+
+    def validate(self, path, upload, expert) -> tuple[str | None, dict]:
+        """(why a received checkpoint is refused or None, the provenance of an accepted one).
+
+        The header is parsed without executing anything, the expected model is rebuilt from
+        the coordinator's own config, and keys, shapes, dtypes and finiteness are checked. In
+        shared mode the expert must then beat an untrained model on its cluster's probe slice.
+
+        Whatever the island sent, a check of it ends in a reason: an error of a bad value that
+        no check names (CONTENT_ERRORS) is one too, and is logged as a gap in the checks. The
+        coordinator's own faults (its disk, its database, its probe slice) are not caught."""
+        if path.stat().st_size != upload.size or sha256_file(path) != upload.sha256:
+            return "sha256 of the received bytes differs from the one declared at BeginUpload", {}
+        probe = self._probe(expert.cluster_id)
+        steps = lease_train_config(self.config, expert.id).steps
+        try:
+            return self._judge(path, expert, probe, steps)
+        except CONTENT_ERRORS as exc:
+            log.warning("expert %d: no check of the upload names this error; rejected", expert.id, exc_info=exc)
+            return f"its content could not be checked ({type(exc).__name__})", {}
+
+    def _judge(self, path, expert, probe: Probe | None, steps: int) -> tuple[str | None, dict]:
+        """The checks of ``_validate`` that read what the island sent."""
+        try:
+            if probe is None:
+                info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            else:
+                model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+        except CheckpointError as exc:
+            return str(exc).replace(str(path), "the upload"), {}
+        if info.cluster_id != expert.cluster_id:
+            return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
+        if info.data_fingerprint != expert.shard_fingerprint:
+            return "it names a data fingerprint other than its cluster's", {}
+        if info.steps != steps:
+            return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
+        try:
+            metrics_size = len(canonical_json(info.metrics))
+        except UnicodeError:
+            return "its metrics hold text that is not valid Unicode (a lone surrogate)", {}
+        except ValueError:
+            return "its metrics hold NaN or infinite numbers", {}
+        if metrics_size > MAX_METRICS_BYTES:
+            return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
+        metrics, counts = dict(info.metrics), info.metrics.get(COUNTS_KEY)
+        if counts is not None:  # an island's opt-in report of its data counts (join --share-counts)
+            try:
+                counts = check_counts(counts, self.config.model.get("num_classes", 0))
+            except SharesError as exc:
+                return f"its reported data counts are refused: {exc}", {}
+            del metrics[COUNTS_KEY]
+        provenance = {
+            "kind": "expert",
+            "config": info.model,
+            "steps": info.steps,
+            "flops": info.flops,
+            "data_fingerprint": info.data_fingerprint,
+            "metrics": metrics,
+        }
+        if counts is not None:
+            provenance["counts"] = counts
+        if probe is not None:
+            verdict = probe.judge(model, self.config.probe_margin)
+            log.info("expert %d: %s", expert.id, verdict.reason)
+            if not verdict.passed:
+                return verdict.reason, {}
+            provenance["probe"] = verdict.to_dict()
+        return None, provenance
