@@ -118,7 +118,8 @@ class TrunkConfig:
         own = {f.name for f in fields(cls)}
         unknown = set(data) - own - trunk_names
         if unknown:
-            raise ConfigError(f"{cls.what} config has unknown fields: {', '.join(sorted(unknown))}")
+            names = ", ".join(repr(name)[:40] for name in sorted(unknown)[:12])  # a stranger's: one bounded line
+            raise ConfigError(f"{cls.what} config has unknown fields: {names}")
         missing = {f.name for f in fields(cls) if f.name not in data and f.default is MISSING}
         if missing:
             raise ConfigError(f"{cls.what} config is missing fields: {', '.join(sorted(missing))}")

@@ -30,8 +30,10 @@ def read_tensor_file(
         with safe_open(str(path), framework="pt") as f:
             description = json.loads((f.metadata() or {}).get("ddm", "null"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not a ddm {what} file: {exc}") from None
+    except (SafetensorError, OSError, ValueError) as exc:  # ValueError: bad JSON, a number too long to read
+        raise error(f"{path} is not a ddm {what} file: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise error(f"{path} is not a ddm {what} file: its description is nested too deeply") from None
     if not isinstance(description, dict) or description.get("format") != fmt:
         raise error(f"{path} is not a ddm {what} file (format {fmt} expected)")
     return description, tensors
