@@ -1,7 +1,8 @@
 """The coordinator's sense of time, injectable so that tests move it instead of sleeping.
 
 The registry stamps rows and judges deadlines (leases, stale uploads, silent assemblies) by
-``clock.now()``; the server's reaper waits for its next round with ``clock.wait``. A
+``clock.now()``; the server's reaper waits for its next round with ``clock.wait`` and spaces
+its staging clean-ups by ``clock.monotonic()``. A
 ``ManualClock`` stands still until a test calls ``advance``, and its reaper never wakes on its
 own: the test runs a round with ``CoordinatorServer.reap()`` when it wants one.
 """
@@ -18,6 +19,10 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        """Seconds that only move forward, for intervals (the wall clock may be set back)."""
+        return time.monotonic()
+
     def wait(self, stop: threading.Event, seconds: float) -> bool:
         """Sleep ``seconds`` or until ``stop`` is set; True if it was set."""
         return stop.wait(seconds)
@@ -33,6 +38,9 @@ class ManualClock:
     def now(self) -> float:
         with self._lock:
             return self._now
+
+    def monotonic(self) -> float:
+        return self.now()
 
     def advance(self, seconds: float) -> float:
         """Move time forward by ``seconds``; the new time."""

@@ -48,10 +48,10 @@ from sqlalchemy.exc import DatabaseError
 
 from ddm_model.errors import DDMError
 from protocol.manifest import Manifest
-from protocol.trust import TrustError, is_sha256, sha256_file
+from protocol.trust import is_sha256, sha256_file
 
 from .home import Home
-from .registry import Expert, Registry
+from .registry import Expert, Registry, named_by
 from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
@@ -328,17 +328,10 @@ class _Pass:
                     )
 
 
-def _manifest(ensemble: dict) -> Manifest:
-    try:
-        return Manifest.parse(ensemble["manifest_json"])
-    except TrustError:  # a damaged manifest names nothing the store must keep for it
-        return Manifest({})
-
-
 def _names(ensemble: dict) -> set[str]:
-    """Every artifact a published ensemble's manifest names."""
-    return _manifest(ensemble).artifacts
+    """Every artifact a published ensemble names."""
+    return named_by(ensemble["manifest_json"], ensemble["router_sha256"])
 
 
 def _clusters(ensemble: dict) -> list[int]:
-    return _manifest(ensemble).clusters
+    return Manifest.stored(ensemble["manifest_json"]).clusters

@@ -93,7 +93,7 @@ class CoordinatorServer:
         # Published already: an ensemble of exactly the signed experts (after `revoke --exclude`,
         # a retrained expert is not in the ensemble published without it).
         published = any(
-            e["state"] == "published" and set(Manifest.parse(e["manifest_json"]).checkpoints) == signed
+            e["state"] == "published" and set(Manifest.stored(e["manifest_json"]).checkpoints) == signed
             for e in snapshot["ensembles"]
         )
         if all_signed and (interrupted or not published):
@@ -113,7 +113,7 @@ class CoordinatorServer:
         expired = self.registry.expire_leases()
         if expired:
             log.info("%d lease(s) expired; their experts are open again", expired)
-        now = self.clock.now()
+        now = self.clock.monotonic()
         if now - self._cleaned >= self.clean_staging_every_s and self.service.clean_staging():
             self._cleaned = now
 

@@ -13,6 +13,7 @@ import logging
 import threading
 
 import numpy as np
+import torch
 
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
@@ -29,6 +30,10 @@ log = logging.getLogger("ddm.coordinator")
 # Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
 # OSError, MemoryError, the database's errors, DiskFull, RegistryError (the coordinator's own).
 CONTENT_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
+
+
+class Rejected(Exception):
+    """Why an upload fails a check."""
 
 
 class Validator:
@@ -92,40 +97,52 @@ class Validator:
         probe = self._probe(expert.cluster_id)
         steps = lease_train_config(self.config, expert.id).steps
         try:
-            return self._judge(path, expert, probe, steps)
+            provenance, model = self._judge(path, expert, probe is not None, steps)
+        except Rejected as refusal:
+            return str(refusal), {}
         except CONTENT_ERRORS as exc:
             log.warning("expert %d: no check of the upload names this error; rejected", expert.id, exc_info=exc)
             return f"its content could not be checked ({type(exc).__name__})", {}
+        if probe is None:
+            return None, provenance
+        # The probe runs the coordinator's own code on its own slice: a fault there is its own.
+        verdict = probe.judge(model, self.config.probe_margin)
+        log.info("expert %d: %s", expert.id, verdict.reason)
+        if not verdict.passed:
+            return verdict.reason, {}
+        return None, {**provenance, "probe": verdict.to_dict()}
 
-    def _judge(self, path, expert, probe: Probe | None, steps: int) -> tuple[str | None, dict]:
-        """The checks of ``_validate`` that read what the island sent."""
+    def _judge(self, path, expert, load: bool, steps: int) -> tuple[dict, torch.nn.Module | None]:
+        """The checks of ``validate`` that read what the island sent: its provenance and, with
+        ``load``, its model; ``Rejected`` with the reason it fails."""
         try:
-            if probe is None:
-                info = verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
-            else:
+            if load:
                 model, info = load_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
+            else:
+                model, info = None, verify_checkpoint(path, expect_kind="expert", expect_config=self.config.model)
         except CheckpointError as exc:
-            return str(exc).replace(str(path), "the upload"), {}
+            raise Rejected(str(exc).replace(str(path), "the upload")) from None
         if info.cluster_id != expert.cluster_id:
-            return f"it was trained for cluster {info.cluster_id}, the lease is for cluster {expert.cluster_id}", {}
+            lease = expert.cluster_id
+            raise Rejected(f"it was trained for cluster {info.cluster_id}, the lease is for cluster {lease}")
         if info.data_fingerprint != expert.shard_fingerprint:
-            return "it names a data fingerprint other than its cluster's", {}
+            raise Rejected("it names a data fingerprint other than its cluster's")
         if info.steps != steps:
-            return f"it was trained for {info.steps} steps, the lease asks for {steps}", {}
+            raise Rejected(f"it was trained for {info.steps} steps, the lease asks for {steps}")
         try:
             metrics_size = len(canonical_json(info.metrics))
         except UnicodeError:
-            return "its metrics hold text that is not valid Unicode (a lone surrogate)", {}
+            raise Rejected("its metrics hold text that is not valid Unicode (a lone surrogate)") from None
         except ValueError:
-            return "its metrics hold NaN or infinite numbers", {}
+            raise Rejected("its metrics hold NaN or infinite numbers") from None
         if metrics_size > MAX_METRICS_BYTES:
-            return f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted", {}
+            raise Rejected(f"its metrics take {metrics_size} bytes; at most {MAX_METRICS_BYTES} are accepted")
         metrics, counts = dict(info.metrics), info.metrics.get(COUNTS_KEY)
         if counts is not None:  # an island's opt-in report of its data counts (join --share-counts)
             try:
                 counts = check_counts(counts, self.config.model.get("num_classes", 0))
             except SharesError as exc:
-                return f"its reported data counts are refused: {exc}", {}
+                raise Rejected(f"its reported data counts are refused: {exc}") from None
             del metrics[COUNTS_KEY]
         provenance = {
             "kind": "expert",
@@ -137,10 +154,4 @@ class Validator:
         }
         if counts is not None:
             provenance["counts"] = counts
-        if probe is not None:
-            verdict = probe.judge(model, self.config.probe_margin)
-            log.info("expert %d: %s", expert.id, verdict.reason)
-            if not verdict.passed:
-                return verdict.reason, {}
-            provenance["probe"] = verdict.to_dict()
-        return None, provenance
+        return provenance, model

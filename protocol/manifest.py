@@ -7,7 +7,7 @@ absent in older manifests, which then mean uniform shares).
 
 The coordinator builds one when it assembles an ensemble (``Manifest.build``) and a new version
 of it when it distils a student (``with_student``); its registry, reconciliation and restart
-read the artifacts a stored manifest names (``Manifest.parse``); whoever downloads an ensemble,
+read the artifacts a stored manifest names (``Manifest.stored``); whoever downloads an ensemble,
 the coordinator distilling from its own included, reads it only once its signature and every
 entry's checked out (``Manifest.verified``).
 """
@@ -84,6 +84,15 @@ class Manifest:
         if not isinstance(data, dict):
             raise TrustError("the manifest is not a JSON object")
         return cls(data)
+
+    @classmethod
+    def stored(cls, raw: bytes | None) -> Manifest:
+        """A manifest the coordinator wrote and kept, read for what it names; one damaged on
+        disk names nothing (reconciliation and the store's checks report the damage)."""
+        try:
+            return cls.parse(raw)
+        except TrustError:
+            return cls({})
 
     @classmethod
     def verified(cls, raw: bytes, signature: bytes, public_key: bytes, what: str = "the ensemble manifest") -> Manifest:

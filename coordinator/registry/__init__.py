@@ -11,7 +11,7 @@ code; nothing here knows of gRPC.
 """
 
 from .core import RegistryError, Revoked, revoked_message, shown
-from .ensembles import STALE_ASSEMBLY_S
+from .ensembles import STALE_ASSEMBLY_S, named_by
 from .identities import Identities, Revocation
 from .leases import Grant, NoWork
 from .tables import (
@@ -53,6 +53,7 @@ __all__ = [
     "Revocation",
     "Revoked",
     "Upload",
+    "named_by",
     "revoked_message",
     "shown",
 ]

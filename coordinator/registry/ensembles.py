@@ -24,9 +24,10 @@ from .tables import Artifact, Ensemble, Expert, Island, Lease
 STALE_ASSEMBLY_S = 600.0  # an assembly silent this long is taken to have died
 
 
-def named_by(ensemble: Ensemble) -> set[str]:
-    """Every artifact a stored ensemble names: its router, its experts and any student."""
-    return Manifest.parse(ensemble.manifest_json).artifacts | ({ensemble.router_sha256} - {None})
+def named_by(manifest_json: bytes | None, router_sha256: str | None) -> set[str]:
+    """Every artifact a stored ensemble names: its router, its experts and any student (its
+    router row alone when its manifest was damaged on disk)."""
+    return Manifest.stored(manifest_json).artifacts | ({router_sha256} - {None})
 
 
 class Ensembles(Core):
@@ -207,8 +208,8 @@ class Ensembles(Core):
         s.flush()
         still = set()
         for ensemble in s.scalars(select(Ensemble).where(Ensemble.state == "published")).all():
-            still |= named_by(ensemble)
-        named = set(also).union(*(named_by(e) for e in ensembles))
+            still |= named_by(ensemble.manifest_json, ensemble.router_sha256)
+        named = set(also).union(*(named_by(e.manifest_json, e.router_sha256) for e in ensembles))
         unpublish = sorted(
             s.scalars(
                 select(Artifact.sha256).where(Artifact.sha256.in_(named - still), Artifact.published.is_(True))
@@ -237,7 +238,7 @@ class Ensembles(Core):
             return [], [], []
         ids = ", ".join(str(e.id) for e in signed)
         published = s.scalars(select(Ensemble).where(Ensemble.state == "published")).all()
-        withdrawn = [e for e in published if excluded & set(Manifest.parse(e.manifest_json).checkpoints)]
+        withdrawn = [e for e in published if excluded & set(Manifest.stored(e.manifest_json).checkpoints)]
         self._withdraw(
             s,
             withdrawn,

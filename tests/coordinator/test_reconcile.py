@@ -380,3 +380,21 @@ def test_a_withdrawn_ensemble_unpublishes_what_it_named_as_revoke_exclude_does(b
     reader, _ = bench.registry.redeem_invite(bench.registry.create_invite("reader", 60), "reader")
     assert bench.registry.readable_by(reader, router_sha) is None
     assert bench.registry.readable_by(reader, sha1) is None
+
+
+def test_a_damaged_manifest_does_not_stop_reconciliation(bench):
+    """A published ensemble whose stored manifest no longer parses still has its lost router
+    handled: the ensemble is withdrawn, its router row dropped, and the registry stays servable."""
+    signed = [bench.sign(b"expert zero"), bench.sign(b"expert one")]
+    ensemble_id, router_sha = bench.publish(signed)
+    with bench.registry.transaction() as s:  # the row damaged as a disk or a person would
+        from coordinator.registry import Ensemble
+
+        s.get(Ensemble, ensemble_id).manifest_json = b"{not json"
+    (bench.home.artifacts / router_sha).chmod(0o644)
+    (bench.home.artifacts / router_sha).unlink()
+    result = bench.run()
+    assert result.problems == [f"router artifact {router_sha[:12]}… is lost: its file is missing"]
+    [ensemble] = bench.registry.snapshot()["ensembles"]
+    assert ensemble["state"] == "withdrawn"
+    assert router_sha not in {a["sha256"] for a in bench.registry.snapshot()["artifacts"]}

@@ -275,3 +275,32 @@ def test_a_stale_upload_resets_only_its_own_islands_expert(tmp_path):
     kinds = [e.kind for e in registry.events()]
     assert kinds[-1] == "upload_abandoned"
     registry.close()
+
+
+def test_a_stale_upload_left_open_by_an_older_registry_resets_only_its_own_islands_expert(tmp_path):
+    """A registry written before leases closed their uploads may hold an open upload of an island
+    whose lease ended; once another island holds the expert, that upload going stale must not
+    send the expert back to training under its new holder."""
+    clock = ManualClock()
+    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=clock)
+    registry.create()
+    registry.add_experts([(0, SHARD, "f0")])
+    a, _ = enroll(registry, "a")
+    b, _ = enroll(registry, "b")
+    stale, _ = registry.begin_upload(a.id, registry.acquire_lease(a.id).lease_id, 1000, "cd" * 32, quota=1000)
+    clock.advance(61)
+    registry.expire_leases()
+    with registry.transaction() as s:  # as an older version left it: still open after its lease ended
+        from coordinator.registry import Upload
+
+        s.get(Upload, stale.id).state = "open"
+    clock.advance(3000)
+    grant = registry.acquire_lease(b.id)
+    upload, _ = registry.begin_upload(b.id, grant.lease_id, 800, "ef" * 32, quota=1000)
+    registry.commit_chunk(b.id, upload, 0, 800)
+    clock.advance(601)
+    assert registry.abandon_stale_uploads(3600) == [stale.id]
+    assert registry.expert(0).state == "uploaded"  # B's upload goes on
+    registry.mark_verified(b.id, upload)
+    assert registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
+    registry.close()

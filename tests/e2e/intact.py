@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from client.ensemble import members
 from coordinator.keys import SigningKey
+from protocol.manifest import members
 from protocol.trust import key_fingerprint, verify_signature
 
 from .conftest import sha256_of

@@ -159,12 +159,12 @@ def siloed_config(model: dict, per_expert: int) -> CoordinatorConfig:
 
 def test_siloed_distillation_draws_from_the_experts_by_the_manifest_shares():
     """No islands needed: the data a siloed coordinator distills on, from real class-conditional
-    experts and a manifest's ``shares``."""
+    experts and a manifest's ``shares`` (None: an older manifest without them)."""
     cfg = DiTConfig("tiny", 8, 1, num_classes=3)
     experts = [seeded(DiT, cfg, 10 + k).eval() for k in range(2)]
     config = siloed_config(cfg.to_dict(), per_expert=20)
     shares = {"source": "islands", "clusters": [30, 10], "classes": [[0, 20, 10], [10, 0, 0]]}
-    data, teacher_of, source = siloed_data(config, {"shares": shares}, experts, cfg.num_classes, "cpu")
+    data, teacher_of, source = siloed_data(config, shares, experts, cfg.num_classes, "cpu")
     assert torch.bincount(teacher_of).tolist() == [30, 10]
     assert set(data.labels[teacher_of == 0].tolist()) == {1, 2} and data.labels[teacher_of == 1].tolist() == [0] * 10
     assert data.num_classes == 3 and data.images.shape == (40, 1, 8, 8)
@@ -173,11 +173,11 @@ def test_siloed_distillation_draws_from_the_experts_by_the_manifest_shares():
         " classes by each expert's class counts (2 Euler steps)"
     )
     # An older manifest without shares: equal counts, classes drawn uniformly.
-    data, teacher_of, source = siloed_data(config, {}, experts, cfg.num_classes, "cpu")
+    data, teacher_of, source = siloed_data(config, None, experts, cfg.num_classes, "cpu")
     assert torch.bincount(teacher_of).tolist() == [20, 20] and set(data.labels.tolist()) == {0, 1, 2}
     assert "split equally, classes uniformly" in source
     # Unusable shares are refused in one line before any sampling.
     for bad in ({"clusters": [1, 2, 3]}, {"clusters": [1, 1], "classes": [[1, 1, 1, 1], [1]]}, []):
         with pytest.raises(DistillError, match="shares") as refused:
-            siloed_data(config, {"shares": bad}, experts, cfg.num_classes, "cpu")
+            siloed_data(config, bad, experts, cfg.num_classes, "cpu")
         assert "\n" not in str(refused.value)

@@ -96,3 +96,9 @@ def test_a_stored_manifest_is_read_without_verifying_and_bad_json_is_refused():
     raw, signature = key.sign(built(key).data)
     with pytest.raises(TrustError, match="does not verify"):
         Manifest.verified(raw, signature, Key().public)
+
+
+def test_a_stored_manifest_damaged_on_disk_names_nothing():
+    assert Manifest.stored(b"not json").artifacts == set() and Manifest.stored(b"[1]").clusters == []
+    key = Key()
+    assert Manifest.stored(canonical_json(built(key).data)).checkpoints == ["00" * 32, "01" * 32]
