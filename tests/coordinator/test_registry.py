@@ -223,15 +223,12 @@ def test_a_student_is_published_as_a_new_version_of_the_newest_ensemble_only(reg
     assert registry.latest_published().id == student
 
 
-def test_a_stale_upload_of_an_expired_lease_leaves_the_experts_new_holder_alone(tmp_path):
+def test_a_stale_upload_of_an_expired_lease_leaves_the_experts_new_holder_alone(registry):
     """Island A's lease expires with an upload open; island B takes the expert and uploads it.
     When A's upload reaches the staleness limit it must not push B's expert back to training,
     and B's upload must still complete: expiring a lease closes its uploads at once, and a
     stale upload resets only what its own island holds."""
-    clock = ManualClock()
-    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=clock)
-    registry.create()
-    registry.add_experts([(0, SHARD, "f0")])
+    clock = registry.clock
     a, _ = enroll(registry, "a")
     b, _ = enroll(registry, "b")
     held_by_a = registry.acquire_lease(a.id)
@@ -254,17 +251,13 @@ def test_a_stale_upload_of_an_expired_lease_leaves_the_experts_new_holder_alone(
     assert registry.abandon_stale_uploads(3600) == []
     assert registry.expert(0).state == "uploaded"
     registry.mark_verified(b.id, upload)
-    assert registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
+    registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
     assert (registry.expert(0).state, registry.expert(0).island_id) == ("signed", b.id)
-    registry.close()
 
 
-def test_a_stale_upload_resets_only_its_own_islands_expert(tmp_path):
+def test_a_stale_upload_resets_only_its_own_islands_expert(registry):
     """Even an upload left open by some other path resets the expert only while its own island holds it."""
-    clock = ManualClock()
-    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=10_000, clock=clock)
-    registry.create()
-    registry.add_experts([(0, SHARD, "f0")])
+    clock = registry.clock
     a, _ = enroll(registry, "a")
     grant = registry.acquire_lease(a.id)
     upload, _ = registry.begin_upload(a.id, grant.lease_id, 1000, "cd" * 32, quota=1000)
@@ -274,17 +267,13 @@ def test_a_stale_upload_resets_only_its_own_islands_expert(tmp_path):
     assert registry.expert(0).state == "training"  # its own island may begin a new upload
     kinds = [e.kind for e in registry.events()]
     assert kinds[-1] == "upload_abandoned"
-    registry.close()
 
 
-def test_a_stale_upload_left_open_by_an_older_registry_resets_only_its_own_islands_expert(tmp_path):
+def test_a_stale_upload_left_open_by_an_older_registry_resets_only_its_own_islands_expert(registry):
     """A registry written before leases closed their uploads may hold an open upload of an island
     whose lease ended; once another island holds the expert, that upload going stale must not
     send the expert back to training under its new holder."""
-    clock = ManualClock()
-    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=clock)
-    registry.create()
-    registry.add_experts([(0, SHARD, "f0")])
+    clock = registry.clock
     a, _ = enroll(registry, "a")
     b, _ = enroll(registry, "b")
     stale, _ = registry.begin_upload(a.id, registry.acquire_lease(a.id).lease_id, 1000, "cd" * 32, quota=1000)
@@ -302,5 +291,5 @@ def test_a_stale_upload_left_open_by_an_older_registry_resets_only_its_own_islan
     assert registry.abandon_stale_uploads(3600) == [stale.id]
     assert registry.expert(0).state == "uploaded"  # B's upload goes on
     registry.mark_verified(b.id, upload)
-    assert registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
-    registry.close()
+    registry.register_expert(b.id, upload, 800, 3, b"{}", b"sig")
+    assert (registry.expert(0).state, registry.expert(0).island_id) == ("signed", b.id)
