@@ -10,11 +10,8 @@ coordinator's committed offset.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -32,12 +29,13 @@ from protocol import ddm_pb2 as pb
 from protocol.address import is_loopback, split_address
 from protocol.limits import MAX_NAME_CHARS, MAX_REASON_CHARS
 from protocol.shares import COUNTS_KEY
-from protocol.trust import TrustError, is_sha256, key_fingerprint, verify_signature
+from protocol.trust import TrustError, is_sha256, key_fingerprint
 
 from .connection import ClientError, Connection
+from .outbox import settle_outbox, upload_lease
 from .state import Identity, IslandState
 from .tls import TlsSettings, first_contact_error, resolve
-from .transfer import bar_callback, download_artifact, upload_checkpoint
+from .transfer import bar_callback, download_artifact
 
 console = Console(stderr=True)
 
@@ -340,28 +338,6 @@ def data_counts(data: ImageDataset, num_classes: int) -> dict:
     return counts
 
 
-def upload_lease(conn: Connection, lease: pb.Lease, identity: Identity, checkpoint: Path, state: IslandState) -> str:
-    """Upload, then check that the coordinator signed exactly this file; returns its sha256."""
-    with transfer_bar() as bar:
-        size = checkpoint.stat().st_size
-        report = upload_checkpoint(
-            conn, lease.lease_id, checkpoint, on_bytes=bar_callback(bar, f"upload expert {lease.expert_id}", size)
-        )
-    if report.resumed_from:
-        console.print(f"upload resumed from committed offset {report.resumed_from}", highlight=False)
-    reply = report.reply
-    verify_signature(identity.public_key, reply.entry_json, reply.signature, f"expert {lease.expert_id}'s entry")
-    entry = json.loads(reply.entry_json)
-    if entry.get("sha256") != report.sha256 or entry.get("expert_id") != lease.expert_id:
-        raise TrustError("the coordinator signed an entry for another file or expert")
-    state.signed.mkdir(parents=True, exist_ok=True)
-    os.replace(checkpoint, state.signed / f"expert-{lease.expert_id}.safetensors")
-    (state.signed / f"expert-{lease.expert_id}.entry.json").write_bytes(reply.entry_json)
-    (state.signed / f"expert-{lease.expert_id}.sig").write_text(base64.b64encode(reply.signature).decode())
-    shutil.rmtree(state.work(lease.expert_id), ignore_errors=True)
-    return report.sha256
-
-
 def run_island(opts: JoinOptions) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -372,6 +348,7 @@ def run_island(opts: JoinOptions) -> int:
     identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, tls)
     conn = Connection(opts.coordinator, identity.credential, tls=tls)
     try:
+        settle_outbox(conn, identity, state)
         while True:
             reply = conn.unary("AcquireLease", pb.AcquireLeaseRequest(local_dataset=OWN_COPY if opts.dataset else ""))
             state.remember_tls(identity, tls)

@@ -62,14 +62,18 @@ def upload_checkpoint(
     path: Path,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_bytes: OnBytes | None = None,
+    on_begin: Callable[[str], None] | None = None,
 ) -> UploadReport:
-    """Upload a file for a lease, resuming from whatever the coordinator already committed."""
+    """Upload a file for a lease, resuming from whatever the coordinator already committed;
+    ``on_begin`` is told the upload's id before any byte is sent."""
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ClientError(f"chunk size must be 1 to 4 MiB, got {chunk_bytes}")
     size = path.stat().st_size
     digest = sha256_file(path)
     state = conn.unary("BeginUpload", pb.BeginUploadRequest(lease_id=lease_id, size=size, sha256=digest))
     report = UploadReport(state.upload_id, size, digest, resumed_from=state.committed_offset)
+    if on_begin is not None:
+        on_begin(state.upload_id)
     for attempt in range(RETRY_ATTEMPTS):
         if state.committed_offset >= size:
             break
