@@ -5,7 +5,8 @@
     STATE/known_keys.json      coordinator address -> pinned key fingerprint (trust on first use)
     STATE/shards/<sha256>      downloaded data shards
     STATE/work/expert-N/       resume state of the training run for expert N
-    STATE/outbox/              finished checkpoints waiting to be uploaded
+    STATE/outbox/              finished checkpoints waiting to be uploaded (and, while one is
+                               uploading, its upload's id: *.upload.json)
     STATE/signed/              checkpoints the coordinator has signed
 
 Everything is written atomically, so a killed island restarts from a consistent folder.
