@@ -97,12 +97,6 @@ class Core:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         with self._write_lock, self.Session.begin() as session:
