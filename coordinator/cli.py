@@ -231,6 +231,7 @@ for command in (
     cli_registry.revoke,
     cli_registry.check,
     cli_registry.assemble,
+    cli_registry.migrate,
 ):
     app.command()(command)
 

@@ -1,5 +1,5 @@
 """The operator's ``ddm-coordinator`` commands over a home's registry: invite, status, events,
-revoke, check and assemble. Each opens the registry once (``opened``), which closes it however
+revoke, check, assemble and migrate. Each opens the registry once (``opened``), which closes it however
 the command ends; ``coordinator/cli.py`` registers them."""
 
 from __future__ import annotations
@@ -180,3 +180,14 @@ def assemble(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
         assembler = Assembler(h, config, registry, Store(h.artifacts, h.staging), SigningKey.load(h.key_path))
         ensemble_id = assembler.run(progress=True)
     out.print(f"published ensemble {ensemble_id}")
+
+
+def migrate(home: Path = typer.Option(None, help=HOME_HELP)) -> None:
+    """Upgrade the home's registry in place to this ddm's schema (back the database up first;
+    stop `serve` while it runs). Nothing is lost: every row is kept."""
+    with opened(home) as (_, _, registry):
+        before, after = registry.migrate()
+    if before == after:
+        out.print(f"the registry is at revision {after} already; nothing to do", highlight=False)
+    else:
+        out.print(f"migrated the registry from revision {before} to {after}", highlight=False)

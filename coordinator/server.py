@@ -44,12 +44,12 @@ class CoordinatorServer:
                 home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
             )
             self.store = Store(home.artifacts, home.staging)
+            self.registry.require_current_schema()  # an older registry is migrated by `migrate`, not here
             self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
         except BaseException:
             self.lock.release()
             raise
         log.info("reconciled the home: %s", self.reconciliation.summary())
-        self.registry.create()  # no-op on an existing registry
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request

@@ -19,14 +19,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ddm_model.errors import DDMError
 
 from ..clock import Clock, SystemClock
-from .tables import Artifact, Base, Ensemble, Event, Expert, Invite, Island, Lease, Upload
+from . import schema
+from .tables import Artifact, Ensemble, Event, Expert, Invite, Island, Lease, Upload
 
 
 class RegistryError(DDMError):
@@ -80,19 +81,30 @@ class Core:
         self._write_lock = threading.RLock()
 
     def create(self) -> None:
+        """Make a new registry's tables by running every migration (schema.py)."""
         try:
-            Base.metadata.create_all(self.engine)
+            schema.upgrade(self.engine)
         except OperationalError as exc:
             raise RegistryError("unavailable", f"cannot open the registry database: {exc.orig}") from None
-        if self.engine.dialect.name == "sqlite":
-            with self.engine.begin() as conn:
-                for op in ("UPDATE", "DELETE"):
-                    conn.execute(
-                        text(
-                            f"CREATE TRIGGER IF NOT EXISTS events_no_{op.lower()} BEFORE {op} ON events "
-                            "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
-                        )
-                    )
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Upgrade the registry in place to this ddm's schema; (revision before, after)."""
+        return schema.upgrade(self.engine)
+
+    def require_current_schema(self) -> str:
+        """The registry's revision, or one line that names the command to upgrade it."""
+        try:
+            current, wanted = schema.revision(self.engine), schema.head()
+        except OperationalError as exc:
+            raise RegistryError("unavailable", f"cannot open the registry database: {exc.orig}") from None
+        if current != wanted:
+            made = "ddm 0.1, before migrations" if current == schema.BASELINE else f"revision {current}"
+            raise RegistryError(
+                "failed_precondition",
+                f"the registry's schema is from {made}; this ddm needs revision {wanted}: back up the"
+                " database, then run `ddm-coordinator migrate`",
+            )
+        return current
 
     def close(self) -> None:
         self.engine.dispose()
