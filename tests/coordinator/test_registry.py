@@ -1,4 +1,6 @@
-"""The SQL registry on a real SQLite file: invites, leases, uploads, events."""
+"""The SQL registry on a real database, SQLite and PostgreSQL alike (the ``database_url``
+fixture): invites, leases, uploads, events. What only SQLite has (its pragmas, its file on
+disk) is tested on SQLite alone, through ``sqlite_registry``."""
 
 import sqlite3
 
@@ -7,15 +9,29 @@ import sqlalchemy
 
 from coordinator.clock import ManualClock
 from coordinator.registry import Grant, NoWork, Registry, RegistryError
+from tests import postgres
 
 SHARD = "ab" * 32
 
 
-@pytest.fixture
-def registry(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path / 'ddm.db'}", lease_seconds=60, clock=ManualClock())
+def open_registry(url):
+    reg = Registry(url, lease_seconds=60, clock=ManualClock())
     reg.create()
     reg.add_experts([(0, SHARD, "f0"), (1, SHARD, "f1"), (2, SHARD, "f2")])
+    return reg
+
+
+@pytest.fixture
+def registry(database_url):
+    reg = open_registry(database_url)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def sqlite_registry(tmp_path):
+    """The registry in tmp_path/ddm.db, for what only SQLite has."""
+    reg = open_registry(f"sqlite:///{tmp_path / 'ddm.db'}")
     yield reg
     reg.close()
 
@@ -26,8 +42,8 @@ def enroll(registry, name="isle"):
     return island, credential
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(registry, tmp_path):
-    with registry.engine.connect() as conn:
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_registry):
+    with sqlite_registry.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
@@ -53,8 +69,8 @@ def test_invites_are_single_use_and_expire(registry):
         registry.create_invite("admin", 60)
 
 
-def test_tokens_are_stored_only_as_hashes(registry, tmp_path):
-    token = registry.create_invite("island", 60)
+def test_tokens_are_stored_only_as_hashes(sqlite_registry, tmp_path):
+    token = sqlite_registry.create_invite("island", 60)
     raw = (tmp_path / "ddm.db").read_bytes() + (tmp_path / "ddm.db-wal").read_bytes()
     assert token.encode() not in raw
 
@@ -182,10 +198,18 @@ def test_event_log_is_append_only(registry, tmp_path):
     assert kinds[:3] == ["init", "invite", "enroll"]
     with registry.engine.begin() as conn, pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"):
         conn.exec_driver_sql("UPDATE events SET kind = 'forged'")
-    db = sqlite3.connect(tmp_path / "ddm.db")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM events")
-    db.close()
+    # The database itself refuses, whoever connects: a plain client, outside SQLAlchemy.
+    if registry.engine.dialect.name == "sqlite":
+        db = sqlite3.connect(tmp_path / "ddm.db")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM events")
+        db.close()
+    else:
+        import psycopg
+
+        with postgres.connect(registry.url) as db, pytest.raises(psycopg.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM events")
+    assert [e.kind for e in registry.events()][:3] == ["init", "invite", "enroll"]
 
 
 def test_any_sqlalchemy_url_works(tmp_path):

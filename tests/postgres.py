@@ -1,0 +1,82 @@
+"""PostgreSQL for the tests: a fresh, uniquely named database per test on the local cluster.
+
+The tests reach the cluster over its Unix socket (``HOST``) as the OS user, through peer
+authentication, so that user needs a role allowed to create databases (as root:
+``su postgres -c "createuser -s root"``). Each database is made from the ``postgres``
+maintenance database and dropped WITH (FORCE) afterwards, so a test that leaves connections
+open cannot leak it.
+
+When the cluster cannot be reached the tests that need it are skipped, saying how to start it;
+with ``DDM_REQUIRE_POSTGRES=1`` (CI sets it) they fail instead, so that nothing is hidden there.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+HOST = "/var/run/postgresql"
+REQUIRED = "DDM_REQUIRE_POSTGRES"
+
+
+def url(database: str) -> str:
+    """The SQLAlchemy URL of ``database`` on the local cluster."""
+    return f"postgresql+psycopg:///{database}?host={HOST}"
+
+
+def connect(database_url: str = url("postgres")):
+    """A plain psycopg connection (autocommit), outside SQLAlchemy, to the database of ``database_url``."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    return psycopg.connect(dbname=make_url(database_url).database, host=HOST, autocommit=True, connect_timeout=5)
+
+
+@functools.cache
+def unreachable() -> str | None:
+    """Why PostgreSQL cannot be used here (one line), or None when it can; asked once per run."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[postgres]')"
+    try:
+        with connect() as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"cannot connect to PostgreSQL at {HOST}: {first}"
+    return None
+
+
+def require() -> None:
+    """Skip the calling test when PostgreSQL is unreachable, or fail it under DDM_REQUIRE_POSTGRES=1."""
+    reason = unreachable()
+    if reason is None:
+        return
+    if os.environ.get(REQUIRED) == "1":
+        pytest.fail(f"{REQUIRED}=1 but {reason}", pytrace=False)
+    pytest.skip(
+        f"{reason}; to run the PostgreSQL tests, start the cluster (pg_lsclusters names it:"
+        " pg_ctlcluster --skip-systemctl-redirect VERSION main start) and give this user a role"
+        f" (su postgres -c 'createuser -s {getpass.getuser()}')"
+    )
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new empty database for one test; yields its SQLAlchemy URL and drops it afterwards."""
+    require()
+    name = f"ddm_test_{uuid.uuid4().hex[:16]}"
+    with connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url(name)
+    finally:
+        with connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
