@@ -88,7 +88,8 @@ class Reconciliation:
 
 def check_integrity(registry: Registry) -> str:
     """SQLite's integrity check ("ok"; another database: a note), then that the registry holds
-    its experts; raises ReconcileError otherwise."""
+    its experts (ReconcileError otherwise) and is at this ddm's schema (RegistryError, naming
+    `ddm-coordinator migrate`, otherwise)."""
     sqlite = registry.engine.dialect.name == "sqlite"
     where = registry.url.removeprefix("sqlite:///") if sqlite else "at the configured URL"
     integrity = "ok" if sqlite else f"not checked ({registry.engine.dialect.name} database: use its own tools)"
@@ -112,6 +113,7 @@ def check_integrity(registry: Registry) -> str:
     except DatabaseError as exc:
         why = (str(exc.orig).splitlines() or ["unreadable"])[0]
         raise ReconcileError(f"cannot read the registry database {where} ({why}); restore it from a backup") from None
+    registry.require_current_schema()  # an older registry is upgraded by `migrate`, never on the fly
     return integrity
 
 

@@ -44,7 +44,6 @@ class CoordinatorServer:
                 home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
             )
             self.store = Store(home.artifacts, home.staging)
-            self.registry.require_current_schema()  # an older registry is migrated by `migrate`, not here
             self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
         except BaseException:
             self.lock.release()
