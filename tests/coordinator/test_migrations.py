@@ -50,11 +50,25 @@ def old_home(tmp_path):
     return Home(root)
 
 
-def test_a_new_registry_is_at_the_newest_revision_and_migrate_changes_nothing(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}")
+def test_a_new_registry_is_at_the_newest_revision_and_migrate_changes_nothing(database_url):
+    registry = Registry(database_url)
+    assert schema.revision(registry.engine) is None  # an empty database
     registry.create()
     assert registry.require_current_schema() == schema.head() == "0002"
     assert registry.migrate() == ("0002", "0002")
+    registry.add_experts([(0, "ab" * 32, "f0")])  # one event: the "init"
+    with registry.engine.begin() as conn, pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"):
+        conn.exec_driver_sql("DELETE FROM events")  # the event log's triggers came with the migrations
+    registry.close()
+
+
+def test_the_event_log_cannot_be_truncated_on_postgresql(postgres_url):
+    registry = Registry(postgres_url)
+    registry.create()
+    registry.add_experts([(0, "ab" * 32, "f0")])
+    with registry.engine.begin() as conn, pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"):
+        conn.exec_driver_sql("TRUNCATE events")
+    assert [e.kind for e in registry.events()] == ["init"]
     registry.close()
 
 
@@ -89,8 +103,8 @@ def test_migrate_upgrades_the_previous_release_in_place_with_nothing_lost(old_ho
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
-def test_a_registry_from_a_newer_ddm_is_refused(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path / 'ddm.db'}")
+def test_a_registry_from_a_newer_ddm_is_refused(database_url):
+    registry = Registry(database_url)
     registry.create()
     with registry.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
