@@ -2,7 +2,6 @@
 heartbeat, upload of trained checkpoints, signing, and publication of the signed ensemble.
 The registry tests run on both backends (test_registry.py); this is the whole path on the second."""
 
-import hashlib
 import json
 
 import pytest
@@ -15,7 +14,7 @@ from coordinator.server import CoordinatorServer
 from protocol import ddm_pb2 as pb
 from protocol.trust import verify_signature
 from tests import postgres
-from tests.coordinator.test_service import enroll, lease_for, train
+from tests.coordinator.test_service import enroll, lease_for, published_to_a_reader, train
 
 from .conftest import STEPS
 
@@ -59,15 +58,7 @@ def test_a_coordinator_on_postgresql_publishes_a_signed_ensemble(postgres_server
         reply = upload_checkpoint(conn, lease.lease_id, train(conn, lease, tmp_path)).reply
         verify_signature(enrolled.coordinator_public_key, reply.entry_json, reply.signature, "entry")
         assert json.loads(reply.entry_json)["expert_id"] == lease.expert_id
-    assert conn.unary("AcquireLease", pb.AcquireLeaseRequest()).no_work.finished
-    server.assembler.join(60)  # the last signature started the assembly
-    signed = conn.unary("GetManifest", pb.GetManifestRequest())
-    verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "manifest")
-    manifest = json.loads(signed.manifest_json)
-    assert manifest["router"]["clusters"] == [0, 1, 2] and len(manifest["experts"]) == 3
-    reader, _ = enroll(server, role="reader")
-    chunks = list(reader.stream_out("Download", pb.DownloadRequest(sha256=manifest["router"]["sha256"]), timeout=30))
-    assert hashlib.sha256(b"".join(c.data for c in chunks)).hexdigest() == manifest["router"]["sha256"]
+    _, signed = published_to_a_reader(server, conn)
 
     # The rows are in PostgreSQL, as a plain client outside the coordinator reads them.
     with postgres.connect(postgres_url) as db:

@@ -119,8 +119,15 @@ def test_every_expert_signed_publishes_a_signed_ensemble(server, tmp_path):
     for _ in range(3):
         lease = lease_for(conn)
         upload_checkpoint(conn, lease.lease_id, train(conn, lease, tmp_path))
-    none = conn.unary("AcquireLease", pb.AcquireLeaseRequest())
-    assert none.no_work.finished
+    reader, _ = published_to_a_reader(server, conn)
+    assert json.loads(reader.unary("Status", pb.StatusRequest()).json)["ensemble"]["state"] == "published"
+
+
+def published_to_a_reader(server, conn):
+    """Once ``conn``'s island signed every expert: the ensemble is assembled and published, its
+    manifest is signed over the three clusters, and a reader downloads its router intact.
+    Returns (the reader's connection, the signed manifest)."""
+    assert conn.unary("AcquireLease", pb.AcquireLeaseRequest()).no_work.finished
     server.assembler.join(60)  # the last signature started the assembly
     signed = conn.unary("GetManifest", pb.GetManifestRequest())
     verify_signature(signed.coordinator_public_key, signed.manifest_json, signed.signature, "manifest")
@@ -128,9 +135,8 @@ def test_every_expert_signed_publishes_a_signed_ensemble(server, tmp_path):
     assert manifest["router"]["clusters"] == [0, 1, 2] and len(manifest["experts"]) == 3
     reader, _ = enroll(server, role="reader")
     chunks = list(reader.stream_out("Download", pb.DownloadRequest(sha256=manifest["router"]["sha256"]), timeout=30))
-    data = b"".join(c.data for c in chunks)
-    assert hashlib.sha256(data).hexdigest() == manifest["router"]["sha256"]
-    assert json.loads(reader.unary("Status", pb.StatusRequest()).json)["ensemble"]["state"] == "published"
+    assert hashlib.sha256(b"".join(c.data for c in chunks)).hexdigest() == manifest["router"]["sha256"]
+    return reader, signed
 
 
 def test_index_list_for_an_island_with_its_own_copy(server):
