@@ -13,6 +13,12 @@ own); the manifest's router entry says how (``budget``). The manifest also carri
 shares of the data (protocol/shares.py), so that any downloader can route ancestrally: the
 cluster sizes and per-class counts in shared mode; in siloed mode the counts islands reported
 with ``join --share-counts`` when every signed expert did, else uniform shares.
+
+Exactly one process assembles at a time: it holds the registry's "assembly" lock (a
+PostgreSQL advisory lock, or an flock beside a SQLite file) for as long as it trains and
+publishes. The lock dies with its process, so an ensemble left "training" while nobody holds it
+was interrupted: the next holder marks it failed and assembles again, resuming the router
+from its state under HOME/work (on storage that every `serve` process shares).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +51,8 @@ from .registry import Registry
 from .store import Store
 
 log = logging.getLogger("ddm.coordinator")
+LOCK = "assembly"
+BUSY_WAIT_S = 30.0  # `assemble` waits this long for another process's assembly to end
 
 
 class AssembleError(DDMError):
@@ -61,12 +70,17 @@ class Assembler:
         self._lock = threading.Lock()
 
     def request(self) -> None:
-        """Assemble in a background thread unless one is already at it."""
+        """Assemble in a background thread, if an ensemble is due and no thread (here) or process
+        (elsewhere) is already at it."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._thread = threading.Thread(target=self._run_logged, name="assemble", daemon=True)
             self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -74,15 +88,48 @@ class Assembler:
 
     def _run_logged(self) -> None:
         try:
-            ensemble_id = self.run(progress=False)
-            log.info("published ensemble %d", ensemble_id)
+            while True:
+                with self.registry.exclusive(LOCK, wait=False) as held:
+                    if not held:
+                        return  # another process is assembling; it checks again before it stops
+                    self._take_over()
+                    while self.registry.assembly_due():  # an expert signed meanwhile is not left out
+                        ensemble_id = self._run(progress=False)
+                        log.info("published ensemble %d", ensemble_id)
+                # Checked after the release: an expert signed by another process just before it,
+                # whose own request found the lock held, is assembled here.
+                if not self.registry.assembly_due():
+                    return
         except DDMError as exc:
             log.error("assembly failed: %s", exc)
         except Exception:
             log.exception("assembly failed")
 
+    def _take_over(self) -> bool:
+        """With the lock held: fail the assemblies left "training" by a process that ended
+        (nobody else can be at them); whether there were any."""
+        interrupted = self.registry.assemblies_in_training()
+        for ensemble_id in interrupted:
+            self.registry.fail_ensemble(ensemble_id, "interrupted: its coordinator process ended; assembling again")
+        return bool(interrupted)
+
     def run(self, progress: Progress | bool = True) -> int:
-        """Train the router over the signed experts and publish the ensemble; returns its id."""
+        """Train the router over the experts signed so far (at least 2) and publish the ensemble;
+        returns its id. Waits up to BUSY_WAIT_S for another process's assembly to end."""
+        waited = time.monotonic() + BUSY_WAIT_S
+        while True:
+            with self.registry.exclusive(LOCK, wait=False) as held:
+                if held:
+                    self._take_over()
+                    return self._run(progress)
+            if time.monotonic() > waited:
+                raise AssembleError(
+                    "another coordinator process is assembling this home's ensemble; wait for it to publish"
+                    " (`ddm-coordinator status`), then run assemble again if you still need to"
+                )
+            time.sleep(0.5)
+
+    def _run(self, progress: Progress | bool) -> int:
         signed = [e for e in self.registry.experts() if e.state == "signed"]
         if len(signed) < 2:
             raise AssembleError(f"an ensemble needs at least 2 signed experts; {len(signed)} are signed")

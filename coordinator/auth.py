@@ -1,7 +1,8 @@
 """The server interceptor that authenticates every RPC but Enroll, limits rates and bounds fields.
 
-It reads ``authorization: Bearer <island id>.<secret>`` from the call's metadata, checks it
-against the registry (constant-time hash comparison) on every call, with nothing cached, checks
+It reads ``authorization: Bearer <island id>.<secret>`` from the call's metadata and, in the
+call's worker thread (gRPC's one dispatch thread only parses), checks it against the registry
+(constant-time hash comparison) on every call, with nothing cached, checks
 that the coordinator has not revoked the island and the caller's role, and hands the servicer
 an ``AuthedContext`` that carries the island. Refusals are UNAUTHENTICATED (no valid
 credential) or PERMISSION_DENIED (revoked, or the wrong role) with a message that says what to
@@ -144,6 +145,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._lock = threading.Lock()
 
     def intercept_service(self, continuation, handler_call_details):
+        # This runs on gRPC's one dispatch thread, for every call: it only parses the metadata.
+        # The credential's database read and everything after it run in the call's worker thread.
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None:
@@ -152,34 +155,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return self._public(handler)
         metadata = dict(handler_call_details.invocation_metadata or ())
         parsed = auth.parse(metadata.get(auth.METADATA_KEY))
-        island = self.registry.authenticate(*parsed) if parsed else None
-        if island is None:
-            return self._refuse(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid credential; enroll with an invite token (ddm-client join --token ...)",
-            )
-        if island.revoked_at is not None:
-            return self._refuse(handler, grpc.StatusCode.PERMISSION_DENIED, revoked_message(island.revoked_reason))
-        if island.role != "island" and method not in READER_ALLOWED:
-            return self._refuse(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"a {island.role} identity may not call {method}"
-            )
-        wait = self.calls.take(island.id)
-        if wait:
-            limits = self.calls
-            return self._refuse(
-                handler,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"rate limit: at most {limits.per_second:g} calls per second per island (bursts of {limits.burst});"
-                f" retry after {wait:.2f} s",
-                retry_after=wait,
-            )
-        self._touch(island.id)
         behaviour = _inner(handler)
         kind = TRAFFIC_KIND.get(method, "control")
 
         def authed(request, context):
+            island = self._admit(parsed, method, context)
             if handler.request_streaming:
                 request = self._counted(request, island.id, kind)
             else:
@@ -188,6 +168,31 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return behaviour(request, AuthedContext(context, island))
 
         return _same_kind(handler, authed)
+
+    def _admit(self, parsed: tuple[str, str] | None, method: str, context) -> Island:
+        """The caller's island, read afresh from the registry (a revocation holds from the next
+        call on); the call ends here, with a status that says what to do, if it may not go on."""
+        island = self.registry.authenticate(*parsed) if parsed else None
+        if island is None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid credential; enroll with an invite token (ddm-client join --token ...)",
+            )
+        if island.revoked_at is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked_message(island.revoked_reason))
+        if island.role != "island" and method not in READER_ALLOWED:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"a {island.role} identity may not call {method}")
+        wait = self.calls.take(island.id)
+        if wait:
+            limits = self.calls
+            context.set_trailing_metadata(retry_after_metadata(wait))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit: at most {limits.per_second:g} calls per second per island (bursts of {limits.burst});"
+                f" retry after {wait:.2f} s",
+            )
+        self._touch(island.id)
+        return island
 
     def _public(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """Enroll: bounds, and a limit on failed attempts per peer address against token guessing.
@@ -240,21 +245,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self.registry.touch(seen)
 
     def _touch(self, island_id: str) -> None:
-        # Kept in memory and written by flush(): this runs on gRPC's one dispatch thread, which
-        # must not wait for the registry's write lock.
+        # Kept in memory and written by flush(): a call need not wait for the registry's write lock.
         with self._lock:
             self._seen[island_id] = self.registry.clock.now()
-
-    @staticmethod
-    def _refuse(
-        handler, code: grpc.StatusCode, message: str, retry_after: float | None = None
-    ) -> grpc.RpcMethodHandler:
-        def refuse(request, context):
-            if retry_after:
-                context.set_trailing_metadata(retry_after_metadata(retry_after))
-            context.abort(code, message)
-
-        return _same_kind(handler, refuse)
 
 
 def _check_bounds(request, context) -> None:

@@ -11,7 +11,9 @@
     HOME/staging/<upload id>   uploads in progress
     HOME/work/                 the coordinator's own training state (the router)
     HOME/damaged/              store files that failed their size or hash check, kept aside
-    HOME/serve.lock            held (flock) by the process serving the home
+    HOME/serve.lock            held (flock) by the process serving a SQLite home (a PostgreSQL
+                               home may be served by several processes)
+    HOME/ddm.db.<name>.lock    the registry's named cross-process locks (SQLite homes)
 
 ``--home`` defaults to $DDM_HOME.
 """

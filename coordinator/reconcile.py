@@ -32,6 +32,13 @@ itself). Then, so that nothing signed or published names a file the store cannot
 Every change is an event in the registry and a line in the log. Without ``repair``
 (`check --dry-run`, or a home another process is serving) nothing is changed and the
 summary says what would be done.
+
+On a registry several `serve` processes share (PostgreSQL), the others go on serving while one
+reconciles, so it also keeps its hands off what they may be doing: one process reconciles at a
+time (the "reconcile" lock); a temporary, orphan or staged file younger than RECENT_S is left
+alone (another process may be about to register it); staged bytes are judged holding the lock
+that completions hold, and router work holding the assembly lock, each against rows read
+afresh under it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ import logging
 import os
 import re
 import shutil
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +69,7 @@ STAGED_ROUTER = re.compile(r"^router-(\d+)\.safetensors$")  # Assembler: the rou
 ROUTER_RUN = re.compile(r"^router-(\d+(?:-\d+)*)$")  # Assembler: resume state per set of clusters
 
 
+RECENT_S = 600.0  # shared registry: a file modified this recently may be another process's work in progress
 PAST = {"remove": "removed", "move": "moved", "flag": "flagged", "drop": "dropped", "close": "closed"}
 
 
@@ -123,7 +133,8 @@ def reconcile(
     """Check the registry, then bring the home's files and rows into agreement (see the module)."""
     result = Reconciliation(repair=repair)
     result.integrity = check_integrity(registry)
-    _Pass(home, registry, store, result, rehash).run()
+    with registry.exclusive("reconcile") if registry.shared else nullcontext():
+        _Pass(home, registry, store, result, rehash).run()
     return result
 
 
@@ -134,14 +145,40 @@ class _Pass:
         self.store = store
         self.result = result
         self.rehash = rehash
+        self.shared = registry.shared
         self.snap = registry.snapshot()
 
     def run(self) -> None:
         self._temporary_files()
         self._registered_artifacts()
         self._orphans()
-        self._staging()
-        self._router_work()
+        with self._holding("complete") as held:  # CompleteUpload moves staged files into the store
+            if held:
+                self._staging()
+        with self._holding("assembly") as held:
+            if held:
+                self._router_work()
+            else:
+                self.note("router work left alone: another process is assembling")
+
+    @contextmanager
+    def _holding(self, lock: str):
+        """Shared registry: hold ``lock`` (the assembly's only if free) and read the rows afresh
+        under it; otherwise nothing to hold."""
+        if not self.shared:
+            yield True
+            return
+        with self.registry.exclusive(lock, wait=lock != "assembly") as held:
+            if held:
+                self.snap = self.registry.snapshot()
+            yield held
+
+    def _young(self, path: Path) -> bool:
+        """Shared registry: whether ``path`` changed too recently to be judged (see the module)."""
+        try:
+            return self.shared and time.time() - path.stat().st_mtime < RECENT_S
+        except FileNotFoundError:
+            return True  # gone meanwhile: another process's doing
 
     # -- the two kinds of outcome -------------------------------------------------------------
 
@@ -170,7 +207,7 @@ class _Pass:
 
     def _temporary_files(self) -> None:
         for path in sorted(self.store.artifacts.iterdir()):
-            if path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"):
+            if path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp") and not self._young(path):
                 self.act(
                     "remove",
                     f"the unfinished store write {path.name}",
@@ -264,6 +301,9 @@ class _Pass:
             if name in uploading:
                 self.note(f"kept {name[:12]}…: the checkpoint of open upload {uploading[name]}")
                 continue
+            if self._young(path):
+                self.note(f"kept {name[:12]}…: written in the last {RECENT_S:.0f} s, maybe by another process")
+                continue
             self.act(
                 "remove",
                 f"the orphan {name[:12]}… (no artifact row names it)",
@@ -276,7 +316,7 @@ class _Pass:
     def _staging(self) -> None:
         open_uploads = {u["id"]: u for u in self.snap["uploads"] if u["state"] == "open"}
         for path in sorted(self.store.staging.iterdir()):
-            if path.name in open_uploads or not path.is_file():
+            if path.name in open_uploads or not path.is_file() or self._young(path):
                 continue
             self.act(
                 "remove",

@@ -1,5 +1,12 @@
-"""`ddm-coordinator serve`: the gRPC server, its reaper (leases, traffic counters, stale uploads)
-and the assembly trigger."""
+"""`ddm-coordinator serve`: the gRPC server, its reaper (heartbeats, leases, traffic counters,
+stale uploads) and the assembly trigger.
+
+A home whose registry is SQLite is served by one process (an flock on HOME/serve.lock). A home
+on PostgreSQL may be served by several processes at once, on one machine or several, sharing
+the database and the home folder (on shared storage): each takes any call, and the registry's
+locks (coordinator/registry/core.py) make one of them assemble at a time. Rate and stream
+limits are each process's own.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,6 @@ import grpc
 
 from protocol import ddm_pb2_grpc
 from protocol.limits import SERVER_MAX_CONCURRENT_RPCS, SERVER_OPTIONS, SERVER_WORKERS
-from protocol.manifest import Manifest
 
 from .assemble import Assembler
 from .auth import AuthInterceptor, DecodingInterceptor
@@ -25,7 +31,8 @@ from .store import Store
 from .tls import ServerTls
 
 log = logging.getLogger("ddm.coordinator")
-REAP_EVERY_S = 1.0
+REAP_EVERY_S = 1.0  # also how often buffered heartbeats are written
+ORPHANS_EVERY_S = 5.0  # how often a process looks for an assembly whose process ended
 CLEAN_STAGING_EVERY_S = 60.0
 
 
@@ -37,16 +44,17 @@ class CoordinatorServer:
         self.home = home
         self.clock = clock or SystemClock()
         self.config = home.load_config()
-        self.lock = HomeLock(home)  # one process serves a home; released when it ends, however it ends
+        self.registry = Registry(
+            home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
+        )
+        # SQLite: one process serves a home; released when it ends, however it ends.
+        self.lock = None if self.registry.shared else HomeLock(home)
         try:
             self.key = SigningKey.load(home.key_path)
-            self.registry = Registry(
-                home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
-            )
             self.store = Store(home.artifacts, home.staging)
             self.reconciliation = reconcile(home, self.registry, self.store)  # before anything is served
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
         log.info("reconciled the home: %s", self.reconciliation.summary())
         self.assembler = Assembler(home, self.config, self.registry, self.store, self.key)
@@ -69,12 +77,13 @@ class CoordinatorServer:
         except RuntimeError:
             self.port = 0
         if not self.port:
-            self.lock.release()
+            self._release()
             raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_every, name="lease-reaper", daemon=True)
         self.clean_staging_every_s = CLEAN_STAGING_EVERY_S
         self._cleaned = float("-inf")  # the first round cleans staging: a restart may find what a crash left
+        self._orphans_checked = float("-inf")
 
     def start(self) -> None:
         self.server.start()
@@ -82,20 +91,12 @@ class CoordinatorServer:
         self._resume_assembly()
 
     def _resume_assembly(self) -> None:
-        """After a restart: finish an interrupted assembly, or start one that is due."""
-        snapshot = self.registry.snapshot()
-        interrupted = [e for e in snapshot["ensembles"] if e["state"] == "training"]
-        for e in interrupted:
-            self.registry.fail_ensemble(e["id"], "interrupted by a coordinator restart; assembling again")
-        all_signed = all(e["state"] == "signed" for e in snapshot["experts"])
-        signed = {e["checkpoint_sha256"] for e in snapshot["experts"]}
-        # Published already: an ensemble of exactly the signed experts (after `revoke --exclude`,
-        # a retrained expert is not in the ensemble published without it).
-        published = any(
-            e["state"] == "published" and set(Manifest.stored(e["manifest_json"]).checkpoints) == signed
-            for e in snapshot["ensembles"]
-        )
-        if all_signed and (interrupted or not published):
+        """After a start, and every ORPHANS_EVERY_S: take over an assembly whose process ended,
+        or start one that is due. The assembler holds the lock that makes this one process's
+        job; a process that finds it held does nothing."""
+        if self.assembler.running:
+            return
+        if self.registry.assemblies_in_training() or self.registry.assembly_due():
             self.assembler.request()
 
     def _reap_every(self) -> None:
@@ -106,13 +107,18 @@ class CoordinatorServer:
                 log.exception("lease reaper")
 
     def reap(self) -> None:
-        """One round of the reaper: flush traffic counters, expire silent leases and, every
-        ``clean_staging_every_s``, abandon stale uploads and delete unowned staged bytes."""
+        """One round of the reaper: write buffered heartbeats and traffic counters, expire silent
+        leases, look for an orphaned assembly and, every ``clean_staging_every_s``, abandon stale
+        uploads and delete unowned staged bytes."""
+        self.registry.flush_heartbeats()
         self.auth.flush()
         expired = self.registry.expire_leases()
         if expired:
             log.info("%d lease(s) expired; their experts are open again", expired)
         now = self.clock.monotonic()
+        if now - self._orphans_checked >= ORPHANS_EVERY_S:
+            self._orphans_checked = now
+            self._resume_assembly()
         if now - self._cleaned >= self.clean_staging_every_s and self.service.clean_staging():
             self._cleaned = now
 
@@ -122,6 +128,11 @@ class CoordinatorServer:
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
         self.server.stop(grace).wait()
+        self.registry.flush_heartbeats()
         self.auth.flush()
         self.registry.close()
-        self.lock.release()
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()

@@ -104,7 +104,6 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         self.key = key
         self.on_all_signed = on_all_signed
         self.validator = Validator(home, config)
-        self._complete_lock = threading.Lock()
         self.downloads = Slots("download", MAX_DOWNLOADS_PER_ISLAND)
         self.uploads = Slots("upload stream", MAX_UPLOADS_PER_ISLAND, MAX_UPLOADS)
 
@@ -165,7 +164,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
     @rpc
     def Heartbeat(self, request, context):
-        deadline = self.registry.heartbeat(
+        deadline = self.registry.buffered_heartbeat(
             context.island.id, request.lease_id, request.step, request.loss, request.images_per_second
         )
         return pb.HeartbeatReply(deadline_unix_ms=int(deadline * 1000))
@@ -265,7 +264,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
     @rpc
     def CompleteUpload(self, request, context):
         island = context.island
-        with self._complete_lock:
+        # One completion at a time, across every process serving the home: a completion retried
+        # through another process waits for the first, then finds its signed entry.
+        with self.registry.exclusive("complete"):
             upload = self.registry.upload_for(island.id, request.upload_id)
             expert = self.registry.expert(upload.expert_id)
             if upload.state == "complete" and expert.checkpoint_sha256 == upload.sha256:
@@ -334,16 +335,14 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         """Abandon open uploads with no chunk for ``stale_upload_seconds`` and delete every staged
         file that no open upload owns. Returns False, having done nothing, while a completion is
         running (the next round does it)."""
-        if not self._complete_lock.acquire(blocking=False):
-            return False
-        try:
+        with self.registry.exclusive("complete", wait=False) as held:
+            if not held:
+                return False
             abandoned = self.registry.abandon_stale_uploads(self.config.stale_upload_seconds)
             names = self.store.staged()  # listed before the open uploads are read: a newer file is not in it
             owned = self.registry.open_upload_ids()
             unowned = [name for name in names if name not in owned]
             self.store.discard_unowned(unowned)
-        finally:
-            self._complete_lock.release()
         if abandoned:
             stale = self.config.stale_upload_seconds
             log.info("abandoned %d upload(s) with no chunk for %.0f s", len(abandoned), stale)

@@ -1,9 +1,18 @@
 """The registry's core: the engine, its transactions, the event log, and plain reads.
 
-SQLite in WAL mode (synchronous=FULL, so a committed row survives a crash) is the default; any
-SQLAlchemy URL works. Every operation is one transaction. Write transactions of one
-coordinator process run one at a time (a lock), so a read-then-write cannot interleave with
-another thread's; state changes are also conditional UPDATEs checked by row count.
+SQLite in WAL mode (synchronous=FULL, so a committed row survives a crash) is the default;
+PostgreSQL (psycopg 3) is the registry several `serve` processes share. Every operation is one
+transaction, and write transactions run one at a time, so a read-then-write cannot interleave
+with another's: within a process by a lock, and across processes by SQLite's own single writer
+or, on PostgreSQL, a transaction-level advisory lock taken first in every write transaction.
+State changes are also conditional UPDATEs checked by row count. Reads take no lock.
+
+``exclusive(name)`` is a named lock that holds across processes and dies with its holder
+(a PostgreSQL session advisory lock, or an flock beside a SQLite file): the assembly and the
+completion of uploads use it, so that exactly one process at a time does either.
+
+Heartbeats may be buffered (``buffered_heartbeat``, leases.py): checked against the database at
+once, written in one transaction per ``flush_heartbeats``.
 
 Every state change appends one row to the event log in the same transaction; progress
 (heartbeat steps, chunks, router steps) and traffic counters are not events. Time comes from
@@ -13,13 +22,14 @@ an injectable clock (coordinator/clock.py).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,13 +82,21 @@ class Core:
         self.lease_seconds = lease_seconds
         self.clock = clock or SystemClock()
         try:
-            self.engine = create_engine(url, future=True)
+            self.engine = create_engine(url, future=True, **_pool_options(url))
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise RegistryError("invalid_argument", f"cannot use the database URL {url!r}: {exc}") from None
-        if self.engine.dialect.name == "sqlite":
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
+        self._beats: dict[str, tuple] = {}  # lease id -> the newest buffered heartbeat (leases.py)
+        self._beats_lock = threading.Lock()
+
+    @property
+    def shared(self) -> bool:
+        """Whether several `serve` processes may share this registry (not SQLite's)."""
+        return self.dialect != "sqlite"
 
     def create(self) -> None:
         """Make a new registry's tables by running every migration (schema.py)."""
@@ -112,7 +130,42 @@ class Core:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         with self._write_lock, self.Session.begin() as session:
+            if self.dialect == "postgresql":  # one writer at a time across processes, till commit
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key("write")})
             yield session
+
+    @contextmanager
+    def exclusive(self, name: str, wait: bool = True) -> Iterator[bool]:
+        """Hold the lock ``name`` across every process of this registry; yields False, holding
+        nothing, if ``wait`` is False and another holder has it. The lock ends with its holder's
+        process, however it ends (a PostgreSQL session lock dies with its connection, an flock
+        with its file)."""
+        if self.dialect == "postgresql":
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                key = {"key": lock_key(name)}
+                if wait:
+                    conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
+                elif not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar():
+                    yield False
+                    return
+                try:
+                    yield True
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+            return
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            raise RegistryError("unimplemented", f"no cross-process lock for a {self.dialect} registry at {self.url}")
+        with open(f"{database}.{name}.lock", "a") as held:  # one open file per holder: threads exclude too
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
 
     def log(
         self, session: Session, kind: str, island_id: str | None = None, expert_id: int | None = None, **detail
@@ -200,6 +253,20 @@ class Core:
             if limit is None:
                 return list(s.scalars(query.order_by(Event.id)).all())
             return list(reversed(s.scalars(query.order_by(Event.id.desc()).limit(limit)).all()))
+
+
+def lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for a ddm lock name."""
+    return int.from_bytes(hashlib.sha256(f"ddm.registry:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def _pool_options(url: str) -> dict:
+    """SQLite: SQLAlchemy's defaults. A server database: at most 16 connections per process
+    (writes queue for one lock anyway), so that several `serve` processes stay well inside
+    PostgreSQL's default max_connections of 100."""
+    if url.startswith("sqlite"):
+        return {}
+    return {"pool_size": 8, "max_overflow": 8}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

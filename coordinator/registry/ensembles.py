@@ -159,6 +159,21 @@ class Ensembles(Core):
             self.log(s, "distilled", ensemble_id=version.id, base_ensemble_id=base_id, student=sha256)
             return version.id
 
+    def assemblies_in_training(self) -> list[int]:
+        with self.Session() as s:
+            return list(s.scalars(select(Ensemble.id).where(Ensemble.state == "training")).all())
+
+    def assembly_due(self) -> bool:
+        """Every expert is signed, and no published ensemble is of exactly these checkpoints
+        (after `revoke --exclude`, a retrained expert is not in the ensemble published without it)."""
+        with self.Session() as s:
+            experts = s.execute(select(Expert.state, Expert.checkpoint_sha256)).all()
+            if not experts or any(state != "signed" for state, _ in experts):
+                return False
+            signed = {sha for _, sha in experts}
+            published = s.scalars(select(Ensemble.manifest_json).where(Ensemble.state == "published")).all()
+        return not any(set(Manifest.stored(m).checkpoints) == signed for m in published)
+
     def latest_published(self) -> Ensemble | None:
         with self.Session() as s:
             return s.scalars(select(Ensemble).where(Ensemble.state == "published").order_by(Ensemble.id.desc())).first()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from .core import Core, RegistryError, shown
-from .tables import UNSIGNED, Expert, Lease, Upload
+from .tables import UNSIGNED, Expert, Island, Lease, Upload
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,83 @@ class Leases(Core):
                 expert.state = "training"
                 self.log(s, "training", island_id, expert.id, lease_id=lease_id, step=step)
             return lease.deadline_at
+
+    def buffered_heartbeat(self, island_id: str, lease_id: str, step: int, loss: float, rate: float) -> float:
+        """``heartbeat``, with its write deferred to the next ``flush_heartbeats``: the lease and
+        the island are read afresh (a revoked island, or an ended lease, is refused now), and
+        the new deadline is answered at once. A beat that changes state (an expert's first
+        training step) or that finds its lease past its deadline goes through ``heartbeat``.
+        A crash loses at most the beats since the last flush: progress figures, and deadline
+        extensions that the island's next beat renews."""
+        now = self.clock.now()
+        with self.Session() as s:
+            island, lease = s.get(Island, island_id), s.get(Lease, lease_id)
+            expert = s.get(Expert, lease.expert_id) if lease is not None else None
+        with self._beats_lock:
+            buffered = self._beats.get(lease_id)
+            deadline = max(lease.deadline_at, buffered[-1] + self.lease_seconds) if buffered and lease else None
+            if (
+                island is None
+                or island.revoked_at is not None
+                or lease is None
+                or lease.island_id != island_id
+                or lease.state != "active"
+                or (deadline if deadline is not None else lease.deadline_at) < now
+                or (expert.state == "leased" and step > 0)
+            ):
+                deadline = None
+                self._beats.pop(lease_id, None)  # written now, or refused: nothing older may follow
+            else:
+                self._beats[lease_id] = (island_id, lease.expert_id, step, loss, rate, now)
+        if deadline is None:
+            return self.heartbeat(island_id, lease_id, step, loss, rate)  # refuses, or writes now
+        return now + self.lease_seconds
+
+    def flush_heartbeats(self) -> int:
+        """Write the buffered heartbeats in one transaction; returns how many. A beat whose lease
+        ended meanwhile changes nothing."""
+        with self._beats_lock:
+            beats, self._beats = self._beats, {}
+        if not beats:
+            return 0
+        leases, experts = Lease.__table__, Expert.__table__
+        lease_rows, expert_rows = [], []
+        for lease_id, (island_id, expert_id, step, loss, rate, at) in beats.items():
+            lease_rows.append({"b_id": lease_id, "b_deadline": at + self.lease_seconds, "b_at": at})
+            expert_rows.append(
+                {
+                    "b_id": expert_id,
+                    "b_island": island_id,
+                    "b_step": step,
+                    "b_loss": loss if loss == loss else None,
+                    "b_rate": rate,
+                    "b_at": at,
+                }
+            )
+        with self.transaction() as s:
+            conn = s.connection()
+            conn.execute(
+                update(leases)
+                .where(leases.c.id == bindparam("b_id"), leases.c.state == "active")
+                .values(deadline_at=bindparam("b_deadline"), last_heartbeat_at=bindparam("b_at")),
+                lease_rows,
+            )
+            conn.execute(
+                update(experts)
+                .where(
+                    experts.c.id == bindparam("b_id"),
+                    experts.c.island_id == bindparam("b_island"),
+                    experts.c.state.in_(("leased", "training")),
+                )
+                .values(
+                    step=bindparam("b_step"),
+                    loss=bindparam("b_loss"),
+                    images_per_second=bindparam("b_rate"),
+                    updated_at=bindparam("b_at"),
+                ),
+                expert_rows,
+            )
+        return len(beats)
 
     def release_lease(self, island_id: str, lease_id: str, reason: str) -> None:
         with self.transaction() as s:

@@ -21,7 +21,15 @@ from .strategies import PATHLIKE
 
 NAMES = (*PATHLIKE, "", "/", "//", "./.", "a/../../b", "\\\\server\\share", "ddm.db", "staging", "artifacts")
 # What may change inside the home while names are thrown at it: SQLite's own files.
-DATABASE_FILES = {"ddm.db", "ddm.db-wal", "ddm.db-shm", "ddm.db-journal"}
+# The SQLite file and its own files, and the registry's named locks (registry/core.py exclusive).
+DATABASE_FILES = {
+    "ddm.db",
+    "ddm.db-wal",
+    "ddm.db-shm",
+    "ddm.db-journal",
+    "ddm.db.complete.lock",
+    "ddm.db.assembly.lock",
+}
 
 
 @pytest.fixture
