@@ -136,8 +136,9 @@ def spawn(tmp_path):
 class Coordinator:
     """A coordinator home made by the real `ddm-coordinator init`, served by `ddm-coordinator serve`."""
 
-    def __init__(self, home: Path, fingerprint: str, tls_fingerprint: str, run, spawn):
+    def __init__(self, home: Path, fingerprint: str, tls_fingerprint: str, run, spawn, name: str = "serve"):
         self.home = home
+        self.name = name  # its processes' log files are named after it
         self.fingerprint = fingerprint  # the signing key's
         self.tls_fingerprint = tls_fingerprint  # the TLS certificate's, which clients pin
         self._run = run
@@ -181,7 +182,7 @@ class Coordinator:
             self.home,
             "--listen",
             self.address,
-            label=f"serve-{self.starts}",
+            label=f"{self.name}-{self.starts}",
             env=env,
         )
         from client.tls import handshake

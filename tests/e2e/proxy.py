@@ -5,6 +5,12 @@ armed, cuts or stalls a connection after a number of bytes in one direction.
     proxy.arm("up", 600_000, "drop")    # the next 600 kB island -> coordinator, then close both sides
     proxy.arm("down", 20_000, "stall")  # ... coordinator -> island, then forward nothing more
 
+Given several upstreams it is also a TCP load balancer, as operators put in front of several
+`ddm-coordinator serve` processes: each new connection goes to the next upstream that accepts
+it ("round-robin"), or to the first one that does ("failover"); one that is down is skipped.
+
+    balancer = Proxy(["127.0.0.1:50051", "127.0.0.1:50052"], order="round-robin")
+
 A trigger fires once; every later byte and connection passes through untouched, so a client
 that reconnects carries on. "drop" closes both sockets at once (the peers see a reset
 connection); "stall" keeps the connection open but forwards nothing more, so the peers hang
@@ -19,6 +25,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+ORDERS = ("round-robin", "failover")
 DIRECTIONS = ("up", "down")  # up: client -> server; down: server -> client
 ACTIONS = ("drop", "stall")
 
@@ -51,9 +58,13 @@ class _Link:
 
 
 class Proxy:
-    def __init__(self, upstream: str):
-        host, port = upstream.rsplit(":", 1)
-        self.upstream = (host, int(port))
+    def __init__(self, upstream: str | list[str], order: str = "round-robin"):
+        assert order in ORDERS
+        upstreams = [upstream] if isinstance(upstream, str) else upstream
+        self.upstreams = [(host, int(port)) for host, port in (u.rsplit(":", 1) for u in upstreams)]
+        self.order = order
+        self.served = [0] * len(self.upstreams)  # connections made to each upstream
+        self._next = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.tripped = threading.Event()
@@ -93,11 +104,9 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-                server.settimeout(None)
-            except OSError:
-                client.close()  # upstream down: the client sees a refused connection, as it would
+            server = self._upstream()
+            if server is None:
+                client.close()  # every upstream down: the client sees a refused connection, as it would
                 continue
             link = _Link(client, server)
             with self._lock:
@@ -105,6 +114,21 @@ class Proxy:
                 self._links.append(link)
             for direction, src, dst in (("up", client, server), ("down", server, client)):
                 threading.Thread(target=self._pump, args=(link, direction, src, dst), daemon=True).start()
+
+    def _upstream(self) -> socket.socket | None:
+        """A connection to the upstream whose turn it is, skipping those that refuse."""
+        first = self._next if self.order == "round-robin" else 0
+        for i in range(len(self.upstreams)):
+            k = (first + i) % len(self.upstreams)
+            try:
+                server = socket.create_connection(self.upstreams[k], timeout=5)
+            except OSError:
+                continue
+            server.settimeout(None)
+            self._next = k + 1
+            self.served[k] += 1
+            return server
+        return None
 
     def _pump(self, link: _Link, direction: str, src: socket.socket, dst: socket.socket) -> None:
         try:
