@@ -124,22 +124,24 @@ class Leases(Core):
             expert = s.get(Expert, lease.expert_id) if lease is not None else None
         with self._beats_lock:
             buffered = self._beats.get(lease_id)
-            deadline = max(lease.deadline_at, buffered[-1] + self.lease_seconds) if buffered and lease else None
-            if (
+            deadline = lease.deadline_at if lease is not None else None
+            if buffered is not None and deadline is not None:
+                deadline = max(deadline, buffered[-1] + self.lease_seconds)
+            now_or_refused = (
                 island is None
                 or island.revoked_at is not None
                 or lease is None
                 or lease.island_id != island_id
                 or lease.state != "active"
-                or (deadline if deadline is not None else lease.deadline_at) < now
+                or deadline < now
                 or (expert.state == "leased" and step > 0)
-            ):
-                deadline = None
+            )
+            if now_or_refused:
                 self._beats.pop(lease_id, None)  # written now, or refused: nothing older may follow
             else:
                 self._beats[lease_id] = (island_id, lease.expert_id, step, loss, rate, now)
-        if deadline is None:
-            return self.heartbeat(island_id, lease_id, step, loss, rate)  # refuses, or writes now
+        if now_or_refused:
+            return self.heartbeat(island_id, lease_id, step, loss, rate)
         return now + self.lease_seconds
 
     def flush_heartbeats(self) -> int:
