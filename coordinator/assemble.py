@@ -110,7 +110,8 @@ class Assembler:
         (nobody else can be at them); whether there were any."""
         interrupted = self.registry.assemblies_in_training()
         for ensemble_id in interrupted:
-            self.registry.fail_ensemble(ensemble_id, "interrupted: its coordinator process ended (a crash or a restart); assembling again")
+            reason = "interrupted: its coordinator process ended (a crash or a restart); assembling again"
+            self.registry.fail_ensemble(ensemble_id, reason)
         return bool(interrupted)
 
     def run(self, progress: Progress | bool = True) -> int:

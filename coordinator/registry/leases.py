@@ -119,27 +119,32 @@ class Leases(Core):
         A crash loses at most the beats since the last flush: progress figures, and deadline
         extensions that the island's next beat renews."""
         now = self.clock.now()
-        with self.Session() as s:
-            island, lease = s.get(Island, island_id), s.get(Lease, lease_id)
-            expert = s.get(Expert, lease.expert_id) if lease is not None else None
+        with self.Session() as s:  # one query: the lease, its expert's state, its island's revocation
+            row = s.execute(
+                select(Lease.island_id, Lease.state, Lease.deadline_at, Lease.expert_id)
+                .add_columns(Expert.state, Island.revoked_at)
+                .join(Expert, Expert.id == Lease.expert_id)
+                .join(Island, Island.id == Lease.island_id)
+                .where(Lease.id == lease_id)
+            ).first()
         with self._beats_lock:
-            buffered = self._beats.get(lease_id)
-            deadline = lease.deadline_at if lease is not None else None
-            if buffered is not None and deadline is not None:
-                deadline = max(deadline, buffered[-1] + self.lease_seconds)
-            now_or_refused = (
-                island is None
-                or island.revoked_at is not None
-                or lease is None
-                or lease.island_id != island_id
-                or lease.state != "active"
-                or deadline < now
-                or (expert.state == "leased" and step > 0)
-            )
+            now_or_refused = True
+            if row is not None:
+                holder, state, deadline, expert_id, expert_state, revoked_at = row
+                buffered = self._beats.get(lease_id)
+                if buffered is not None:
+                    deadline = max(deadline, buffered[-1] + self.lease_seconds)
+                now_or_refused = (
+                    holder != island_id
+                    or revoked_at is not None
+                    or state != "active"
+                    or deadline < now
+                    or (expert_state == "leased" and step > 0)
+                )
             if now_or_refused:
                 self._beats.pop(lease_id, None)  # written now, or refused: nothing older may follow
             else:
-                self._beats[lease_id] = (island_id, lease.expert_id, step, loss, rate, now)
+                self._beats[lease_id] = (island_id, expert_id, step, loss, rate, now)
         if now_or_refused:
             return self.heartbeat(island_id, lease_id, step, loss, rate)
         return now + self.lease_seconds
