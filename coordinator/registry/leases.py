@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from .core import Core, RegistryError, shown
@@ -170,29 +170,36 @@ class Leases(Core):
                     "b_at": at,
                 }
             )
-        with self.transaction() as s:
-            conn = s.connection()
-            conn.execute(
-                update(leases)
-                .where(leases.c.id == bindparam("b_id"), leases.c.state == "active")
-                .values(deadline_at=bindparam("b_deadline"), last_heartbeat_at=bindparam("b_at")),
-                lease_rows,
-            )
-            conn.execute(
-                update(experts)
-                .where(
-                    experts.c.id == bindparam("b_id"),
-                    experts.c.island_id == bindparam("b_island"),
-                    experts.c.state.in_(("leased", "training")),
+        try:
+            with self.transaction() as s:
+                conn = s.connection()
+                conn.execute(
+                    update(leases)
+                    .where(leases.c.id == bindparam("b_id"), leases.c.state == "active")
+                    .values(deadline_at=bindparam("b_deadline"), last_heartbeat_at=bindparam("b_at")),
+                    lease_rows,
                 )
-                .values(
-                    step=bindparam("b_step"),
-                    loss=bindparam("b_loss"),
-                    images_per_second=bindparam("b_rate"),
-                    updated_at=bindparam("b_at"),
-                ),
-                expert_rows,
-            )
+                conn.execute(
+                    update(experts)
+                    .where(
+                        experts.c.id == bindparam("b_id"),
+                        experts.c.island_id == bindparam("b_island"),
+                        # Two comparisons, not IN: an IN list is an expanding parameter, which executemany refuses.
+                        or_(experts.c.state == "leased", experts.c.state == "training"),
+                    )
+                    .values(
+                        step=bindparam("b_step"),
+                        loss=bindparam("b_loss"),
+                        images_per_second=bindparam("b_rate"),
+                        updated_at=bindparam("b_at"),
+                    ),
+                    expert_rows,
+                )
+        except Exception:  # kept for the next flush, unless a newer beat of the same lease came meanwhile
+            with self._beats_lock:
+                for lease_id, beat in beats.items():
+                    self._beats.setdefault(lease_id, beat)
+            raise
         return len(beats)
 
     def release_lease(self, island_id: str, lease_id: str, reason: str) -> None:

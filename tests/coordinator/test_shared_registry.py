@@ -115,19 +115,23 @@ def test_a_named_lock_holds_across_processes_and_dies_with_its_holder(shared, da
         holder.wait(timeout=30)
 
 
-def test_buffered_heartbeats_are_written_by_the_flush(shared):
-    island = enroll(shared, "a")
-    grant = shared.acquire_lease(island)
-    shared.heartbeat(island, grant.lease_id, 1, 0.9, 10.0)  # the first training step: written at once
-    assert shared.expert(grant.expert_id).state == "training"
+@pytest.mark.parametrize("islands", [1, 3])  # one row, and several in one executemany
+def test_buffered_heartbeats_are_written_by_the_flush(shared, islands):
+    ids = [enroll(shared, f"i{n}") for n in range(islands)]
+    grants = [shared.acquire_lease(island) for island in ids]
+    for island, grant in zip(ids, grants, strict=True):
+        shared.heartbeat(island, grant.lease_id, 1, 0.9, 10.0)  # the first training step: written at once
+        assert shared.expert(grant.expert_id).state == "training"
     shared.clock.advance(5)
-    deadline = shared.buffered_heartbeat(island, grant.lease_id, 7, 0.5, 20.0)
-    assert deadline == shared.clock.now() + 60
-    assert shared.expert(grant.expert_id).step == 1  # buffered, not yet written
-    assert shared.flush_heartbeats() == 1
-    expert, lease = shared.expert(grant.expert_id), shared.lease(grant.lease_id)
-    assert (expert.step, expert.loss, expert.images_per_second) == (7, 0.5, 20.0)
-    assert lease.deadline_at == deadline and lease.last_heartbeat_at == shared.clock.now()
+    for n, (island, grant) in enumerate(zip(ids, grants, strict=True)):
+        deadline = shared.buffered_heartbeat(island, grant.lease_id, 7 + n, 0.5, 20.0)
+        assert deadline == shared.clock.now() + 60
+        assert shared.expert(grant.expert_id).step == 1  # buffered, not yet written
+    assert shared.flush_heartbeats() == islands
+    for n, grant in enumerate(grants):
+        expert, lease = shared.expert(grant.expert_id), shared.lease(grant.lease_id)
+        assert (expert.step, expert.loss, expert.images_per_second) == (7 + n, 0.5, 20.0)
+        assert lease.deadline_at == deadline and lease.last_heartbeat_at == shared.clock.now()
     assert shared.flush_heartbeats() == 0
 
 
