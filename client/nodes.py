@@ -270,7 +270,8 @@ class Relay(threading.Thread):
 def signals_restored() -> Iterator[None]:
     """The launcher turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into an exception that stops the
     workers. Afterwards this process's own handlers come back, and such a signal is delivered
-    to it again, so that it ends as it would have without workers."""
+    to it again, so that it ends as it would have without workers (a signal it ignores ends
+    the training in one line instead: its workers are gone)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -287,22 +288,26 @@ def signals_restored() -> Iterator[None]:
     except SignalException as exc:
         restore()
         signal.raise_signal(exc.sigval)
-        raise
+        raise NodeError(f"training stopped: this process received {signal.Signals(exc.sigval).name}") from None
     finally:
         restore()
 
 
 @contextlib.contextmanager
 def quiet_launcher() -> Iterator[None]:
-    """The launcher logs each worker's failure as a multi-line report; the agent says it in one
-    line instead (``failure_message``)."""
-    log = logging.getLogger("torch.distributed.elastic")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    """The launcher logs each worker's failure as a multi-line report, and a signal's arrival;
+    the agent says what matters in one line instead (``failure_message``). Each of its modules
+    sets its own logger's level, so each is quietened."""
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def failure_message(folder: Path, failed, nproc: int) -> str:
@@ -369,6 +374,8 @@ def worker(job_file: str) -> int:
             run_job(job, data, world, on_progress=writer, stop=FileFlag(folder / STOP))
     except TrainStopped:
         return 0
+    except KeyboardInterrupt:  # the agent was interrupted and passed it on: it reports it
+        return 128 + signal.SIGINT
     except DDMError as exc:
         (folder / f"error-{rank}.txt").write_text(str(exc))
         return 1
