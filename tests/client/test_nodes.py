@@ -35,6 +35,9 @@ from tests.helpers import one_line_error
 REPO = Path(__file__).resolve().parents[2]
 MODEL = DiTConfig("tiny", 8, 1, num_classes=10)
 STEPS = 60
+# Long enough that a stop or a kill lands part-way even at full speed (about 150 steps a second
+# on an idle 2-core CPU), however late the stop is relayed.
+LONG = 600
 # The loss trajectory of 2 gloo ranks against one process at the same global batch: measured
 # max relative difference 2.8e-7 over 40 steps and 60 steps (this machine, torch 2.13 CPU);
 # the tolerance is 30x that.
@@ -163,6 +166,15 @@ def straight(digits, tmp_path_factory):
     return data, one, two, reports
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(straight, tmp_path_factory):
+    """A longer two-rank run, the reference of the interrupted ones."""
+    data = straight[0]
+    job = make_job(tmp_path_factory.mktemp("uninterrupted"), data, steps=LONG)
+    launch(job, data, 2)
+    return data, job
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_follow_the_single_process_trajectory(straight):
     """Measured on this machine: the per-step losses differ by at most 2.8e-7 (relative); the
@@ -229,11 +241,11 @@ def assert_same_run(a: ExpertJob, b: ExpertJob) -> None:
 
 
 @pytest.mark.slow
-def test_a_stopped_two_rank_run_resumes_to_the_uninterrupted_run(straight, tmp_path):
+def test_a_stopped_two_rank_run_resumes_to_the_uninterrupted_run(uninterrupted, tmp_path):
     """The stop (a lost lease) is set on the agent; both ranks stop at the same step, save, and
     a second launch continues to the weights of the run that never stopped."""
-    data, _, two, _ = straight
-    job = make_job(tmp_path / "stopped", data)
+    data, reference = uninterrupted
+    job = make_job(tmp_path / "stopped", data, steps=LONG)
     stop = threading.Event()
 
     def stop_at_20(step, loss, rate):
@@ -243,9 +255,9 @@ def test_a_stopped_two_rank_run_resumes_to_the_uninterrupted_run(straight, tmp_p
     with pytest.raises(TrainStopped):
         launch(job, data, 2, on_progress=stop_at_20, stop=stop)
     stopped_at = resume_state(job)["step"]
-    assert 20 <= stopped_at < STEPS and not job.out.exists()
+    assert 20 <= stopped_at < LONG and not job.out.exists()
     launch(job, data, 2)
-    assert_same_run(two, job)
+    assert_same_run(reference, job)
 
 
 AGENT = """
@@ -265,11 +277,11 @@ def saved_step(path: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_agent_takes_its_workers_along_and_the_run_resumes(straight, tmp_path):
+def test_a_killed_agent_takes_its_workers_along_and_the_run_resumes(uninterrupted, tmp_path):
     import psutil
 
-    data, _, two, _ = straight
-    job = make_job(tmp_path / "killed", data)
+    data, reference = uninterrupted
+    job = make_job(tmp_path / "killed", data, steps=LONG)
     (tmp_path / "job.json").write_text(job.to_json())
     save_dataset_file(data, tmp_path / "data.safetensors")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -288,10 +300,10 @@ def test_a_killed_agent_takes_its_workers_along_and_the_run_resumes(straight, tm
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "orphaned workers kept training"
     killed_at = saved_step(resume)
-    assert 10 <= killed_at < STEPS and not job.out.exists()
+    assert 10 <= killed_at < LONG and not job.out.exists()
 
     launch(job, data, 2)
-    assert_same_run(two, job)
+    assert_same_run(reference, job)
 
 
 @pytest.mark.slow
