@@ -3,10 +3,10 @@
 enroll (once; the identity stays in the state folder) -> lease -> fetch and verify the
 cluster's data -> train locally with resume state and a heartbeat thread -> upload the
 finished checkpoint (resumable) -> check the coordinator's signature on it -> next lease, or
-exit with --once. With --nproc-per-node N the training is N processes' (``nodes``), and this
-process alone still talks to the coordinator. A killed island restarted with the same state folder gets its lease back,
+exit with --once. A killed island restarted with the same state folder gets its lease back,
 resumes training from its last local checkpoint and resumes an interrupted upload from the
-coordinator's committed offset.
+coordinator's committed offset. With --nproc-per-node N, N local processes train the expert
+(``nodes``) and this one alone still talks to the coordinator.
 """
 
 from __future__ import annotations

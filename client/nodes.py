@@ -298,7 +298,8 @@ def quiet_launcher() -> Iterator[None]:
     """The launcher logs each worker's failure as a multi-line report, and a signal's arrival;
     the agent says what matters in one line instead (``failure_message``). Each of its modules
     sets its own logger's level, so each is quietened."""
-    names = [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]
+    launcher = ("torch.distributed.elastic", "torch.distributed.launcher")
+    names = [name for name in logging.root.manager.loggerDict if name.startswith(launcher)]
     loggers = [logging.getLogger(name) for name in names]
     levels = [log.level for log in loggers]
     for log in loggers:

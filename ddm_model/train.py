@@ -291,14 +291,18 @@ def fit(
     def stop_asked() -> bool:
         return run.stop is not None and run.stop.is_set()
 
-    stopping = False  # with a world: every process's answer at the last log window
+    stopping = False  # with a world: whether any process asked, as agreed at the last log window
+
+    def stop_now() -> bool:
+        return stop_asked() if world is None else stopping
+
     start_step, started = step, time.perf_counter()
     window_steps, window_start = 0, time.perf_counter()
     with maybe_progress(run.progress) as bar:
         resumed = f"resumed at step {step}" if step else ""
         task = bar.add_task(run.description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
-            if stopping if world is not None else stop_asked():
+            if stop_now():
                 save_resume()
                 raise TrainStopped(f"{run.description}: stopped at step {step}; the resume state is saved")
             index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
