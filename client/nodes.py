@@ -47,10 +47,12 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -64,7 +66,7 @@ from ddm_model.train import ProgressCallback, TrainConfig, TrainStopped, train_e
 JOB, DATA, PROGRESS, STOP = "job.json", "data.safetensors", "progress.json", "stop"
 # What each worker runs: this very package (its folder replaces the working directory at the
 # head of sys.path), whatever the working directory holds.
-WORKER = "import sys; sys.path[0] = sys.argv[1]; from client.nodes import worker; sys.exit(worker(sys.argv[2]))"
+WORKER = "import sys; sys.path[0] = sys.argv[1]; from client.nodes import worker; worker(sys.argv[2])"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # The signals torch's launcher turns into stopping the workers (LaunchConfig.signals_to_handle).
 LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -312,12 +314,20 @@ def quiet_launcher() -> Iterator[None]:
 
 
 def failure_message(folder: Path, failed, nproc: int) -> str:
-    """The first worker's own error line, or else which rank ended how."""
+    """The first worker's own error line, or else which rank ended how. When one rank dies the
+    others fail in their next collective or are stopped by the launcher (SIGTERM): the rank
+    killed by another signal is the likelier cause, then one that exited with an error."""
     for rank in range(nproc):
         path = folder / f"error-{rank}.txt"
         if path.exists():
             return path.read_text().strip()
-    rank, failure = min(failed.failures.items())
+
+    def suspicion(item) -> tuple[int, int]:
+        rank, failure = item
+        code = failure.exitcode
+        return (0 if code < 0 and code != -signal.SIGTERM else 1 if code > 0 else 2), rank
+
+    rank, failure = min(failed.failures.items(), key=suspicion)
     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     return f"training on {nproc} processes failed: rank {rank} ended with {how} (its output is above)"
 
@@ -357,11 +367,28 @@ def progress_writer(path: Path) -> ProgressCallback:
     return write
 
 
-def worker(job_file: str) -> int:
+def worker(job_file: str) -> NoReturn:
     """One rank: join the group, train the job's expert on its share of each batch, and (rank
     0) write the checkpoint. A stopped run exits 0 without one; an error a user can cause goes
-    to error-RANK.txt for the agent and exits 1."""
+    to error-RANK.txt for the agent and exits 1; any other is printed and exits 1.
+
+    The process ends with os._exit once its files are written (fsynced) and its group is gone:
+    at interpreter exit gloo's threads may still hold tensors whose release then aborts the
+    process (SIGABRT, "terminate called without an active exception"), which the agent would
+    report as a failed run; this was seen in about one run in six on a busy machine."""
     exit_with_parent()
+    try:
+        code = train_rank(job_file)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def train_rank(job_file: str) -> int:
+    """The rank's work (``worker``); returns its exit code."""
     folder = Path(job_file).parent
     rank = os.environ.get("RANK", "0")
     try:

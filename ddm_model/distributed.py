@@ -110,5 +110,6 @@ def process_group(device: str) -> Iterator[World]:
         raise DistributedError(f"data-parallel training runs on cpu or cuda, not {device!r}")
     try:
         yield World(rank, size, where)
+        torch.distributed.barrier()  # done: every rank is past its last collective before any leaves
     finally:
         torch.distributed.destroy_process_group()

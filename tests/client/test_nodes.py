@@ -9,6 +9,7 @@ followed by a resume, a worker's error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -316,3 +317,41 @@ def test_a_workers_error_reaches_the_agent_as_one_line(straight, tmp_path):
         launch(job, data, 2)
     assert "belongs to a different run" in one_line_error(excinfo)
     assert not job.out.exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_ends_the_run_in_one_line(uninterrupted, tmp_path):
+    """Rank 1 dies (SIGKILL) mid-run: the launcher stops rank 0, which would otherwise wait in
+    its next all-reduce, and the agent names the rank and how it ended."""
+    import psutil
+
+    data, _ = uninterrupted
+    job = make_job(tmp_path, data, steps=LONG)
+
+    def kill_rank_1(step, loss, rate):
+        if step >= 10:
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if child.environ().get("RANK") == "1":
+                        child.kill()
+
+    with pytest.raises(NodeError) as excinfo:
+        launch(job, data, 2, on_progress=kill_rank_1)
+    assert one_line_error(excinfo) == (
+        "training on 2 processes failed: rank 1 ended with signal SIGKILL (its output is above)"
+    )
+    assert not job.out.exists() and not (job.checkpoint_dir / "node").exists()
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_another_number_of_processes(straight, tmp_path):
+    """Two ranks train the first half, one process the second (the step budget may grow on a
+    resume): the losses are those of one process throughout, within the same tolerance."""
+    data, one, _, _ = straight
+    job = make_job(tmp_path, data, steps=STEPS // 2)
+    launch(job, data, 2)
+    job.train.steps = STEPS
+    run_job(job, data)
+    a, b = resume_state(one), resume_state(job)
+    assert b["step"] == STEPS
+    np.testing.assert_allclose(b["losses"], a["losses"], rtol=LOSS_RTOL)
