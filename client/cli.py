@@ -106,6 +106,12 @@ def join(
     ),
     state_dir_: Path = typer.Option(None, "--state-dir", help=STATE_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    nproc_per_node: int = typer.Option(
+        1,
+        "--nproc-per-node",
+        help="Train each expert with DDP over this many local processes: one per GPU with --device cuda"
+        " (rank r on cuda:r), or CPU processes over gloo. The lease's batch is split between them.",
+    ),
     once: bool = typer.Option(False, "--once", help="Exit after one expert instead of asking for more work."),
     name: str = typer.Option("", help="A name for this island in the coordinator's status."),
     dataset: str = typer.Option(
@@ -114,7 +120,7 @@ def join(
         " receive index lists.",
     ),
     fingerprint: str = typer.Option(None, help="Pin the coordinator's signing key (sha256:...) when enrolling."),
-    threads: int = typer.Option(None, min=1, help="CPU threads for training."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for training (per process with --nproc-per-node)."),
     data: str = typer.Option(
         None,
         help="Siloed mode: this island's own data (image folder, .npz or 'fashion-mnist[-test][:FOLDER]');"
@@ -146,6 +152,7 @@ def join(
                 tls=tls,
                 data=data,
                 share_counts=share_counts,
+                nproc_per_node=nproc_per_node,
             )
         )
     except (DDMError, TrustError, OSError) as exc:

@@ -5,7 +5,8 @@ cluster's data -> train locally with resume state and a heartbeat thread -> uplo
 finished checkpoint (resumable) -> check the coordinator's signature on it -> next lease, or
 exit with --once. A killed island restarted with the same state folder gets its lease back,
 resumes training from its last local checkpoint and resumes an interrupted upload from the
-coordinator's committed offset.
+coordinator's committed offset. With --nproc-per-node N, N local processes train the expert
+(``nodes``) and this one alone still talks to the coordinator.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from rich.console import Console
@@ -23,8 +25,8 @@ from rich.console import Console
 from ddm_model.checkpoint import read_checkpoint_header
 from ddm_model.data import DataError, ImageDataset, load_dataset, load_dataset_file
 from ddm_model.dit import DiTConfig
-from ddm_model.progress import progress_bar, transfer_bar
-from ddm_model.train import TrainConfig, TrainStopped, train_expert
+from ddm_model.progress import transfer_bar
+from ddm_model.train import TrainConfig, TrainStopped
 from protocol import ddm_pb2 as pb
 from protocol.address import is_loopback, split_address
 from protocol.limits import MAX_NAME_CHARS, MAX_REASON_CHARS
@@ -32,6 +34,7 @@ from protocol.shares import COUNTS_KEY
 from protocol.trust import TrustError, is_sha256, key_fingerprint
 
 from .connection import ClientError, Connection
+from .nodes import ExpertJob, check_nproc, launch, run_job, split_error
 from .outbox import settle_outbox, upload_lease
 from .state import Identity, IslandState
 from .tls import TlsSettings, first_contact_error, resolve
@@ -74,6 +77,7 @@ class JoinOptions:
     threads: int | None = None
     tls: TlsSettings | None = None  # the TLS flags given; see tls_for
     share_counts: bool = False  # siloed mode: report the data's sample (and class) counts with the checkpoint
+    nproc_per_node: int = 1  # train each expert with DDP over this many local processes (nodes.py)
 
 
 def tls_for(state: IslandState, coordinator: str, flags: TlsSettings | None) -> TlsSettings:
@@ -204,6 +208,12 @@ class Heartbeat(threading.Thread):
         self.join(timeout=self.interval + 5)
 
 
+def refuse_lease(conn: Connection, lease: pb.Lease, reason: str, message: str | None = None) -> NoReturn:
+    """Give the lease back, telling the coordinator ``reason``, and stop with ``message``."""
+    conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
+    raise ClientError(message or reason)
+
+
 def siloed(lease: pb.Lease) -> bool:
     """A siloed coordinator's lease names no data: the island's own data is its cluster."""
     return lease.WhichOneof("data") is None
@@ -219,25 +229,27 @@ def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDatas
     want = (model.in_channels, model.image_size, model.image_size)
     have = (data.channels, data.image_size, data.image_size)
 
-    def refuse(reason: str, message: str):
-        # The coordinator hears only that the data does not fit, not what it is.
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
-        raise ClientError(message)
-
+    # The coordinator hears only that the data does not fit, not what it is.
     if have != want:
-        refuse(
+        refuse_lease(
+            conn,
+            lease,
             f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images",
             f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
             f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)",
         )
     if model.num_classes and data.labels is None:
-        refuse(
+        refuse_lease(
+            conn,
+            lease,
             "the island's data has no class labels for the class-conditional model",
             f"{path} has no class labels, and this coordinator's model is class-conditional ({model.num_classes}"
             " classes): give an .npz with a 'labels' array or an image folder with one subfolder per class",
         )
     if model.num_classes and data.num_classes > model.num_classes:
-        refuse(
+        refuse_lease(
+            conn,
+            lease,
             f"the island's labels do not fit the model's {model.num_classes} classes",
             f"{path} has labels up to {data.num_classes - 1}; this coordinator's model has classes 0 to"
             f" {model.num_classes - 1}",
@@ -274,59 +286,59 @@ def fetch_data(
     if not local:
         raise ClientError("the coordinator sent an index list but this island has no --dataset of its own")
     dataset = load_dataset(local)
-
-    def refuse(reason: str):
-        conn.unary("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.lease_id, reason=reason[:MAX_REASON_CHARS]))
-        raise ClientError(reason)
-
     if dataset.fingerprint() != index.dataset_fingerprint:
-        refuse(
+        refuse_lease(
+            conn,
+            lease,
             f"the local dataset {local} has fingerprint {dataset.fingerprint()[:16]}…, the coordinator's"
-            f" {index.dataset} has {index.dataset_fingerprint[:16]}…; refusing to train on a different copy"
+            f" {index.dataset} has {index.dataset_fingerprint[:16]}…; refusing to train on a different copy",
         )
     try:
         shard = dataset.subset(list(index.ids), name=f"{dataset.name}-cluster-{lease.cluster_id}")
     except DataError as exc:
-        refuse(f"the coordinator's index list does not fit the local dataset: {exc}")
+        refuse_lease(conn, lease, f"the coordinator's index list does not fit the local dataset: {exc}")
     if shard.fingerprint() != lease.shard_fingerprint:
-        refuse("the cluster cut from the local dataset does not match the coordinator's fingerprint")
+        refuse_lease(conn, lease, "the cluster cut from the local dataset does not match the coordinator's fingerprint")
     return shard
 
 
 def train_lease(
     heartbeat: Heartbeat, lease: pb.Lease, state: IslandState, data: ImageDataset, opts: JoinOptions
 ) -> Path:
-    """Train (or resume) the lease's expert; returns the finished checkpoint in the outbox."""
+    """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N;
+    returns the finished checkpoint in the outbox."""
     model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
     train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
     train_cfg.device = opts.device
-    out = state.outbox / f"expert-{lease.expert_id}-{data.fingerprint()[:16]}.safetensors"
+    fingerprint = data.fingerprint()
+    out = state.outbox / f"expert-{lease.expert_id}-{fingerprint[:16]}.safetensors"
     if out.exists():
         info, _ = read_checkpoint_header(out)
         if info.steps == train_cfg.steps and info.model == model_cfg.to_dict():
             console.print(f"expert {lease.expert_id}: already trained, uploading {out.name}", highlight=False)
             heartbeat.update(info.steps, info.metrics.get("final_loss", math.nan), 0.0)
             return out
+    nproc = opts.nproc_per_node
+    processes = f", {nproc} processes" if nproc > 1 else ""
+    job = ExpertJob(
+        model=model_cfg,
+        train=train_cfg,
+        checkpoint_dir=state.work(lease.expert_id),
+        out=out,
+        description=f"expert {lease.expert_id} ({len(data)} imgs{processes})",
+        data_fingerprint=fingerprint,
+        # A siloed island sends no fingerprint of its data, not even a hash; its counts only if it opts in.
+        export_fingerprint="" if siloed(lease) else fingerprint,
+        cluster_id=lease.cluster_id,
+        metrics={COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if opts.share_counts else None,
+        threads=opts.threads or max(1, torch.get_num_threads() // nproc),
+    )
     try:
-        with progress_bar() as bar:
-            result = train_expert(
-                data,
-                model_cfg,
-                train_cfg,
-                checkpoint_dir=state.work(lease.expert_id),
-                progress=bar,
-                description=f"expert {lease.expert_id} ({len(data)} imgs)",
-                on_progress=heartbeat.update,
-                stop=heartbeat.lost,
-            )
+        if nproc == 1:
+            return run_job(job, data, on_progress=heartbeat.update, stop=heartbeat.lost)
+        return launch(job, data, nproc, on_progress=heartbeat.update, stop=heartbeat.lost)
     except TrainStopped:
         raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
-    if result.resumed_from:
-        console.print(f"expert {lease.expert_id}: resumed from local step {result.resumed_from}", highlight=False)
-    # A siloed island sends no fingerprint of its data, not even a hash; its counts only if it opts in.
-    metrics = {COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if opts.share_counts else None
-    result.export(out, "" if siloed(lease) else data.fingerprint(), cluster_id=lease.cluster_id, metrics=metrics)
-    return out
 
 
 def data_counts(data: ImageDataset, num_classes: int) -> dict:
@@ -343,6 +355,7 @@ def run_island(opts: JoinOptions) -> int:
         torch.set_num_threads(opts.threads)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ClientError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
+    check_nproc(opts.nproc_per_node, opts.device)
     state = IslandState(opts.state_dir)
     tls = tls_for(state, opts.coordinator, opts.tls)
     identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, tls)
@@ -363,6 +376,10 @@ def run_island(opts: JoinOptions) -> int:
                 f"lease {lease.lease_id}: expert {lease.expert_id} on cluster {lease.cluster_id}",
                 highlight=False,
             )
+            nproc = opts.nproc_per_node
+            unsplittable = split_error(TrainConfig.from_dict(json.loads(lease.train_config_json)).batch_size, nproc)
+            if unsplittable:
+                refuse_lease(conn, lease, f"the island cannot split the batch over {nproc} processes", unsplittable)
             data = fetch_data(conn, lease, state, opts.dataset, opts.data, opts.share_counts)
             heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)
             heartbeat.start()  # beats through training and upload alike

@@ -50,7 +50,7 @@ from .data import ImageDataset
 from .dit import DiT, DiTConfig
 from .ensemble import mix, shares
 from .errors import UsageError
-from .flow import TimeSampler, Velocity, call_velocity, drop_labels, integrate, noised
+from .flow import ALL_ROWS, TimeSampler, Velocity, call_velocity, drop_labels, integrate, noised
 from .train import Objective, ProgressCallback, RunOptions, TrainConfig, TrainError, TrainResult, fit, seeded
 
 DEFAULT_DATA_WEIGHT = 0.25
@@ -82,12 +82,13 @@ def distill_objective(
     dropped to the null label ``num_classes`` at rate ``class_dropout``, goes to the student and
     the teacher alike."""
 
-    def objective(student, x1, target, generator):
+    def objective(student, x1, target, generator, rows=ALL_ROWS):
         teacher_of, y = target, None
         if num_classes:
             teacher_of = target[:, 0]
-            y = drop_labels(target[:, 1], class_dropout, num_classes, generator)
-        xt, t, v = noised(x1, times, generator)
+            y = drop_labels(target[:, 1], class_dropout, num_classes, generator)[rows]
+        xt, t, v = noised(x1, times, generator, rows)
+        teacher_of = teacher_of[rows]
         pred = call_velocity(student, xt, t, y).float()
         loss = F.mse_loss(pred, teacher_velocity(teachers, xt, t, teacher_of, y).float())
         if data_weight:

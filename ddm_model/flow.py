@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .errors import UsageError
 
 Velocity = Callable[..., torch.Tensor]  # v(x, t) or v(x, t, y): x (B, ...), t (B,)
+ALL_ROWS = slice(None)  # the whole batch (see ``noised``)
 
 
 def expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -64,11 +65,17 @@ def noise_like(x1: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def noised(
-    x1: torch.Tensor, times: TimeSampler, generator: torch.Generator | None
+    x1: torch.Tensor, times: TimeSampler, generator: torch.Generator | None, rows: slice = ALL_ROWS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw (x_t, t, v_target) for a batch of data, as every training objective needs."""
+    """Draw (x_t, t, v_target) for a batch of data, as every training objective needs.
+
+    ``rows`` keeps only those rows of the batch, yet the times and noise are drawn for all of
+    it: processes that split one batch between them (``distributed``) each draw exactly what
+    a single process would and keep their own part.
+    """
     t = times(x1.shape[0], generator, x1.device)
     x0 = noise_like(x1, generator)
+    x0, x1, t = x0[rows], x1[rows], t[rows]
     return interpolate(x0, x1, t), t, target_velocity(x0, x1)
 
 
@@ -78,10 +85,12 @@ def flow_matching_loss(
     times: TimeSampler,
     generator: torch.Generator | None,
     y: torch.Tensor | None = None,
+    rows: slice = ALL_ROWS,
 ) -> torch.Tensor:
-    """Mean squared error between the predicted and the conditional target velocity."""
-    xt, t, target = noised(x1, times, generator)
-    pred = model(xt, t) if y is None else model(xt, t, y)
+    """Mean squared error between the predicted and the conditional target velocity, over
+    ``rows`` of the batch (``noised``); ``y`` is the whole batch's labels."""
+    xt, t, target = noised(x1, times, generator, rows)
+    pred = model(xt, t) if y is None else model(xt, t, y[rows])
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import Block, Conditioned, ConfigError, PatchEmbed, TrunkConfig, check_classes, check_geometry, check_int
-from .flow import TimeSampler, integrate, interpolate, noise_like, noised
+from .flow import ALL_ROWS, TimeSampler, integrate, interpolate, noise_like, noised
 
 MAX_CLUSTERS = 4096
 HEADS = ("cls", "mean")
@@ -103,10 +103,13 @@ def router_loss(
     times: TimeSampler,
     generator: torch.Generator | None,
     y: torch.Tensor | None = None,
+    rows: slice = ALL_ROWS,
 ) -> torch.Tensor:
-    """Cross-entropy of the cluster a clean sample came from, seen through x_t (and its label)."""
-    xt, t, _ = noised(x1, times, generator)
-    return F.cross_entropy(call_router(router, xt, t, y).float(), clusters)
+    """Cross-entropy of the cluster a clean sample came from, seen through x_t (and its label),
+    over ``rows`` of the batch (``flow.noised``); ``clusters`` and ``y`` cover the whole batch."""
+    xt, t, _ = noised(x1, times, generator, rows)
+    y = None if y is None else y[rows]
+    return F.cross_entropy(call_router(router, xt, t, y).float(), clusters[rows])
 
 
 def router_steps_for(share: float, expert_flops: int, router_step_flops: int) -> int:

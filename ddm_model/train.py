@@ -4,7 +4,9 @@ One loop serves all three; only the objective differs. It gives AdamW with linea
 gradient clipping, an EMA of the weights, bf16 autocast and optional torch.compile on CUDA,
 a step budget, a measured FLOP count per step, a rich progress bar with loss and throughput,
 and periodic local resume files from which a killed run continues bit-for-bit (model, EMA,
-optimizer, step and RNG state).
+optimizer, step and RNG state). Given a ``distributed.World`` it runs as one of several
+processes that split each batch between them and make the single-process update
+(``distributed`` says how).
 
 An expert's loop sees only the ``ImageDataset`` it is given; ``train_expert`` is meant to be
 called with one cluster's subset, which holds copies of that cluster's samples and nothing else.
@@ -26,10 +28,11 @@ from torch import nn
 
 from .checkpoint import CheckpointInfo, save_checkpoint
 from .data import ImageDataset
+from .distributed import World
 from .dit import DiT, DiTConfig
 from .errors import DDMError
 from .flops import count_flops
-from .flow import TimeSampler, drop_labels, flow_matching_loss
+from .flow import ALL_ROWS, TimeSampler, drop_labels, flow_matching_loss
 from .fsutil import atomic_path
 from .progress import maybe_progress
 from .router import Router, RouterConfig, router_loss
@@ -56,7 +59,10 @@ class RunOptions:
     rich ``Progress`` to add a bar to, or whether to show one of the loop's own; ``description``
     names the run on the bar and in errors; ``on_progress`` is called after every log window;
     setting ``stop`` makes the loop save its resume state and raise ``TrainStopped`` at the next
-    step.
+    step. ``world`` makes this process one of several that train the model together
+    (``distributed``): ``cfg.device`` must then be the world's device; only its main process
+    writes the resume file, and a stop set on any process stops them all at the end of the log
+    window.
     """
 
     checkpoint_dir: str | Path | None = None
@@ -64,6 +70,7 @@ class RunOptions:
     description: str = "train"
     on_progress: ProgressCallback | None = None
     stop: threading.Event | None = None
+    world: World | None = None
 
 
 @dataclass
@@ -170,7 +177,9 @@ class TrainResult:
         )
 
 
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
+# objective(model, x, targets, generator, rows): the mean loss over ``rows`` of the batch (x,
+# targets), every random number drawn for the whole batch (``flow.noised``).
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Generator, slice], torch.Tensor]
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -194,12 +203,17 @@ def fit(
     """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps.
 
     ``identity`` names the model and data; a resume file in ``run.checkpoint_dir`` is continued
-    only if it carries the same identity and ``cfg.run_identity()``. A loss or weight that is
-    not finite ends the run with ``TrainError``; no state past it is saved or returned.
+    only if it carries the same identity and ``cfg.run_identity()``, whatever number of
+    processes wrote it. A loss or weight that is not finite ends the run with ``TrainError``; no
+    state past it is saved or returned.
     """
     if images.shape[0] == 0:
         raise TrainError("cannot train on an empty dataset")
+    world = run.world
+    rows = ALL_ROWS if world is None else world.rows(cfg.batch_size)
     device = torch.device(cfg.device)
+    if world is not None and device != world.device:
+        raise TrainError(f"{run.description}: this process trains on {world.device}, not {device}")
     cuda = device.type == "cuda"
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -230,7 +244,8 @@ def fit(
         else:
             generator.manual_seed(cfg.seed + step)
 
-    forward = torch.compile(model) if cfg.compile and cuda else model
+    forward = model if world is None else world.wrap(model)
+    forward = torch.compile(forward) if cfg.compile and cuda else forward
     params = [p for p in model.parameters()]
     ema_params = [p for p in ema.parameters()]
     window_loss = torch.zeros((), device=device)
@@ -258,7 +273,7 @@ def fit(
 
     def save_resume() -> None:
         check_finite(weights=True)
-        if resume_path is None:
+        if resume_path is None or (world is not None and not world.main):
             return
         state = {
             "identity": identity,
@@ -273,13 +288,21 @@ def fit(
         with atomic_path(resume_path) as tmp:
             torch.save(state, tmp)
 
+    def stop_asked() -> bool:
+        return run.stop is not None and run.stop.is_set()
+
+    stopping = False  # with a world: whether any process asked, as agreed at the last log window
+
+    def stop_now() -> bool:
+        return stop_asked() if world is None else stopping
+
     start_step, started = step, time.perf_counter()
     window_steps, window_start = 0, time.perf_counter()
     with maybe_progress(run.progress) as bar:
         resumed = f"resumed at step {step}" if step else ""
         task = bar.add_task(run.description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
-            if run.stop is not None and run.stop.is_set():
+            if stop_now():
                 save_resume()
                 raise TrainStopped(f"{run.description}: stopped at step {step}; the resume state is saved")
             index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
@@ -288,7 +311,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and cuda):
-                loss = objective(forward, x, y, generator)
+                loss = objective(forward, x, y, generator, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -299,7 +322,7 @@ def fit(
                 for e, p in zip(ema_params, params, strict=True):
                     e.lerp_(p, 1.0 - decay)
             step += 1
-            loss = loss.detach()
+            loss = loss.detach() if world is None else world.mean(loss)
             window_loss += loss
             window_losses.append(loss)
             window_steps += 1
@@ -316,6 +339,8 @@ def fit(
                 window_loss.zero_()
                 window_losses.clear()
                 window_steps, window_start = 0, now
+                if world is not None:
+                    stopping = world.any(stop_asked())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_resume()
         save_resume()
@@ -337,7 +362,7 @@ def _measure_step_flops(
     generator = torch.Generator(device=images.device).manual_seed(0)
     index = torch.randint(0, images.shape[0], (batch_size,), generator=generator, device=images.device)
     y = None if targets is None else targets[index]
-    flops = count_flops(lambda: objective(model, images[index], y, generator).backward())
+    flops = count_flops(lambda: objective(model, images[index], y, generator, ALL_ROWS).backward())
     model.zero_grad(set_to_none=True)
     return flops
 
@@ -354,11 +379,11 @@ def seeded(cls: type[nn.Module], config, seed: int) -> nn.Module:
 
 
 def expert_objective(model_cfg: DiTConfig, times: TimeSampler) -> Objective:
-    def objective(model, x, y, generator):
+    def objective(model, x, y, generator, rows=ALL_ROWS):
         if y is not None:
             # Label dropout for classifier-free guidance: some samples see the null label.
             y = drop_labels(y, model_cfg.class_dropout, model_cfg.num_classes, generator)
-        return flow_matching_loss(model, x, times, generator, y)
+        return flow_matching_loss(model, x, times, generator, y, rows)
 
     return objective
 
@@ -372,6 +397,7 @@ def train_expert(
     description: str = "expert",
     on_progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train one flow-matching DiT on exactly the samples of ``dataset``.
 
@@ -400,7 +426,7 @@ def train_expert(
         objective,
         cfg,
         identity,
-        RunOptions(checkpoint_dir, progress, description, on_progress, stop),
+        RunOptions(checkpoint_dir, progress, description, on_progress, stop, world),
     )
 
 
@@ -444,12 +470,12 @@ def train_router(
     }
     times = cfg.times
 
-    def objective(router, x, target, generator):
+    def objective(router, x, target, generator, rows=ALL_ROWS):
         if not conditional:
-            return router_loss(router, x, target, times, generator)
+            return router_loss(router, x, target, times, generator, rows=rows)
         y = target[:, 1]
         y = drop_labels(y, router_cfg.class_dropout, router_cfg.num_classes, generator)
-        return router_loss(router, x, target[:, 0], times, generator, y)
+        return router_loss(router, x, target[:, 0], times, generator, y, rows)
 
     return fit(
         model,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ddm_model.dit import DiTConfig
+from ddm_model.flow import ALL_ROWS
 from ddm_model.train import RESUME_FILE, TrainConfig, TrainError, train_expert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,8 +84,8 @@ def poison(monkeypatch, at_step, bad):
     original = train_module.flow_matching_loss
     calls = []
 
-    def spy(model, x1, times, generator, y=None):
-        loss = original(model, x1, times, generator, y)
+    def spy(model, x1, times, generator, y=None, rows=ALL_ROWS):
+        loss = original(model, x1, times, generator, y, rows)
         calls.append(loss)
         return bad(model, loss) if len(calls) == at_step + 2 else loss  # the first call measures FLOPs
 
@@ -189,9 +190,9 @@ def test_expert_sees_only_its_shard(digits, monkeypatch):
 
     original = train_module.flow_matching_loss
 
-    def spy(model, x1, times, generator, y=None):
+    def spy(model, x1, times, generator, y=None, rows=ALL_ROWS):
         seen.append(x1.clone())
-        return original(model, x1, times, generator, y)
+        return original(model, x1, times, generator, y, rows)
 
     monkeypatch.setattr(train_module, "flow_matching_loss", spy)
     train_expert(shard, DiTConfig("tiny", 8, 1), small_cfg(steps=5, checkpoint_every=0), progress=False)
