@@ -549,7 +549,9 @@ def run_scenario(args, work: Path, load: dict, deployment: dict, template: Path 
             init_s = init_home(home, load["experts"], pg_url(database, args.pg_host))
         tokens, invite_s = create_invites(home, load["islands"])
         scenario = serve_and_load(args, folder, home, tokens, load, deployment, database)
-        scenario.update(name=name, load=load, deployment=deployment, init_s=init_s, invite_s=invite_s)
+        scenario.update(
+            name=name, load=load, deployment=deployment, database=database, init_s=init_s, invite_s=invite_s
+        )
         scenario["registry"] = registry_counts(home, load["heartbeats"])
         return scenario
     finally:
