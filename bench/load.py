@@ -90,6 +90,7 @@ STEADY = "Heartbeat, steady"  # ... and after the last lease was granted, before
 RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 SAMPLE_EVERY_S = 0.1
 SAMPLE_POSTGRES_EVERY_S = 0.5
+TIMELINE_S = 10  # the report's heartbeat latencies over time: one row per this many seconds
 PG_HOST = "/var/run/postgresql"
 BACKENDS = ("sqlite", "postgresql")
 TRANSPORTS = ("plaintext", "tls")
@@ -793,12 +794,19 @@ def summarize(scenario: dict) -> dict:
     ]
     storm = sorted(lat for sent, lat in beats if all_leased is None or sent <= all_leased)
     steady = sorted(lat for sent, lat in beats if all_leased is not None and all_leased < sent < first_release)
+    timeline: dict[int, list[float]] = {}  # heartbeat latencies by TIMELINE_S slice of the load phase
+    for sent, lat in beats:
+        timeline.setdefault(int((sent - go) // TIMELINE_S), []).append(lat)
     kinds[STORM] = kind_figures(storm)
     kinds[STEADY] = kind_figures(steady)
     steady_s = max(0.0, first_release - all_leased) if all_leased is not None else 0.0
     return {
         "all_leased_s": None if all_leased is None else all_leased - go,
         "first_release_s": first_release - go,
+        "heartbeat_timeline": [
+            [slot * TIMELINE_S, len(lat), percentile(sorted(lat), 0.5), percentile(sorted(lat), 0.99)]
+            for slot, lat in sorted(timeline.items())
+        ],
         "steady_s": steady_s,
         "steady_heartbeats_per_s": len(steady) / steady_s if steady_s > 0 else 0.0,
         "leases": len(leased),
@@ -926,6 +934,7 @@ def summary_rows(scenarios: list[dict]) -> tuple[list[str], list[list[str]]]:
         row("wall time of the load phase, s", lambda s, m: f"{m['wall_s']:.1f}"),
         row("every lease granted after, s", lambda s, m: "-" if m["all_leased_s"] is None
             else f"{m['all_leased_s']:.1f} ({m['leases']} leases)"),
+        row("first release asked for after, s", lambda s, m: f"{m['first_release_s']:.1f}"),
         row("steady state: from last lease to first release, s", lambda s, m: f"{m['steady_s']:.1f}"),
         row(f"{STEADY}: p50 / p99 ms", lambda s, m: p50_p99(m, STEADY)),
         row("heartbeats per second, steady", lambda s, m: f"{m['steady_heartbeats_per_s']:,.0f}"),
@@ -969,6 +978,28 @@ def summary_rows(scenarios: list[dict]) -> tuple[list[str], list[list[str]]]:
             else f"{s['init_s']:.1f}"),
         row("invites created (one transaction each), s", lambda s, m: f"{s['invite_s']:.1f}"),
     ]  # fmt: skip
+    return header, rows
+
+
+def timeline_rows(scenarios: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Heartbeats by when they were sent (TIMELINE_S slices from go): how many, p50 / p99 ms;
+    the slices holding the last lease and the first release are marked."""
+    header = ["sent at, s", *(s["name"] for s in scenarios)]
+    cells: dict[int, dict[int, str]] = {}
+    for i, s in enumerate(scenarios):
+        m = s["summary"]
+        for start, count, p50, p99 in m["heartbeat_timeline"]:
+            marks = [
+                label
+                for label, at in (("last lease", m["all_leased_s"]), ("first release", m["first_release_s"]))
+                if at is not None and start <= at < start + TIMELINE_S
+            ]
+            note = f" ({', '.join(marks)})" if marks else ""
+            cells.setdefault(start, {})[i] = f"{count}: {ms(p50)} / {ms(p99)}{note}"
+    rows = [
+        [f"{start}-{start + TIMELINE_S}", *(cells[start].get(i, "") for i in range(len(scenarios)))]
+        for start in sorted(cells)
+    ]
     return header, rows
 
 
@@ -1183,6 +1214,11 @@ def write_report(args, command: str, info: dict, loads, deployments, scenarios: 
             continue
         header, rows = summary_rows(group)
         parts += [f"## {load_label(load)}\n", table_md(header, rows) + "\n"]
+        header, rows = timeline_rows(group)
+        parts += [
+            f"Heartbeats by when they were sent ({TIMELINE_S} s slices from the start): how many, p50 / p99 ms.\n",
+            table_md(header, rows) + "\n",
+        ]
     for s in scenarios:
         parts.append(f"### {s['name']}: {load_label(s['load'])}\n")
         parts.append(table_md(KIND_HEADER, kind_rows(s["summary"])) + "\n")
