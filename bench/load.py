@@ -560,14 +560,15 @@ def run_scenario(args, work: Path, load: dict, deployment: dict, template: Path 
             drop_database(args.pg_host, database)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def wait_or_kill(proc: subprocess.Popen, since: float) -> tuple[int, float]:
+    """Wait for a process already sent SIGTERM (once: a second signal would interrupt its shutdown),
+    killing it after 30 s; its exit status and the seconds it took to stop."""
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=max(0.0, since + 30 - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    return proc.returncode, time.monotonic() - since
 
 
 def serve_and_load(args, folder: Path, home: Path, tokens: list[str], load: dict, deployment: dict, database) -> dict:
@@ -579,6 +580,7 @@ def serve_and_load(args, folder: Path, home: Path, tokens: list[str], load: dict
     serves: list[subprocess.Popen] = []
     log_paths = [folder / f"coordinator-{p}.log" for p in range(len(addresses))]
     generators: list[subprocess.Popen] = []
+    stopped: list[tuple[int, float]] = []
     try:
         for address, log_path in zip(addresses, log_paths, strict=True):
             command = coordinator_cli("serve", "--home", str(home), "--listen", address)
@@ -651,11 +653,11 @@ def serve_and_load(args, folder: Path, home: Path, tokens: list[str], load: dict
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        since = time.monotonic()
         for serve in serves:
             if serve.poll() is None:
                 serve.terminate()
-        for serve in serves:
-            stop_process(serve)
+        stopped = [wait_or_kill(serve, since) for serve in serves]
     results = []
     for g in range(len(generators)):
         path = folder / f"generator-{g}.json"
@@ -673,6 +675,8 @@ def serve_and_load(args, folder: Path, home: Path, tokens: list[str], load: dict
             "cpu_s": serve_cpu[i],
             "warnings": logs[i].count(" WARNING "),
             "errors": logs[i].count(" ERROR "),
+            "exit": stopped[i][0],
+            "stop_s": stopped[i][1],
         }
         for i in range(len(serves))
     ]
@@ -956,6 +960,8 @@ def summary_rows(scenarios: list[dict]) -> tuple[list[str], list[list[str]]]:
             s, lambda p: f"{p['threads_peak']} / {p['fds_peak']}")),
         row("serve log warnings / errors", lambda s, m:
             f"{s['coordinator']['warnings']} / {s['coordinator']['errors']}"),
+        row("serve exit status after SIGTERM (seconds to stop)", lambda s, m: per_process(
+            s, lambda p: f"{p.get('exit', '-')} ({p.get('stop_s', 0):.1f})")),
         row("generator CPU s (of wall)", lambda s, m:
             f"{m['generator_cpu_s']:.1f} ({m['generator_cpu_s'] / max(m['wall_s'], 1e-9):.0%})"),
         row("generator peak RSS, MiB", lambda s, m: f"{m['generator_rss_peak'] / MiB:.0f}"),

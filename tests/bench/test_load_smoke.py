@@ -62,7 +62,7 @@ def test_two_serve_processes_on_one_postgresql_registry(tmp_path):
     assert {kind: summary["kinds"][kind]["count"] for kind in expected} == expected
     # Both processes served (ten islands each) and each side's CPU was counted.
     assert len(scenario["addresses"]) == 2 and len(scenario["coordinators"]) == 2
-    assert all(p["cpu_s"] > 0 and p["rss_peak"] > 0 for p in scenario["coordinators"])
+    assert all(p["cpu_s"] > 0 and p["rss_peak"] > 0 and p["exit"] == 0 for p in scenario["coordinators"])
     assert scenario["postgres"]["cpu_s"] > 0 and scenario["postgres"]["backends_peak"] >= 2
     assert summary["generator_cpu_s"] > 0 and scenario["machine_busy_cpu_s"] > 0
     registry = scenario["registry"]
