@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .core import Core, RegistryError, shown
@@ -78,8 +78,9 @@ class Leases(Core):
                 s.flush()
                 self.log(s, "lease", island_id, expert.id, lease_id=lease.id)
                 return _grant(lease, expert, renewed=False)
-            states = [e.state for e in s.scalars(select(Expert)).all()]
-            if all(state == "signed" for state in states):
+            # A count, not every expert as an object: islands with no work ask again at every beat.
+            unsigned = s.scalar(select(func.count()).select_from(Expert).where(Expert.state != "signed"))
+            if not unsigned:
                 return NoWork("every expert is trained and signed", finished=True)
             return NoWork("every unfinished expert is leased to another island", finished=False)
 
