@@ -191,7 +191,14 @@ def serve(
         soft_wrap=True,
     )
 
+    stopping = []
+
     def shutdown(signum, frame):
+        # A second signal while stopping returns at once: re-entering stop() from the handler
+        # could wait for a lock that the interrupted first stop() holds.
+        if stopping:
+            return
+        stopping.append(signum)
         server.stop()
 
     signal.signal(signal.SIGTERM, shutdown)
