@@ -36,11 +36,15 @@ ORPHANS_EVERY_S = 5.0  # how often a process looks for an assembly whose process
 CLEAN_STAGING_EVERY_S = 60.0
 
 
-class CoordinatorServer:
-    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None, clock: Clock | None = None):
-        """``tls``: the certificate (and, for mutual TLS, the client CA) to serve TLS with; None
-        serves plaintext (in-process tests, loopback). ``clock``: the time the registry and the
-        reaper go by (a ManualClock in tests: its reaper runs only when ``reap`` is called)."""
+class Coordinator:
+    """A home opened for work, with no network of its own: the registry, the signing key, the
+    store (reconciled before anything else), the upload path (``service``), the assembler and
+    the reaper. ``CoordinatorServer`` serves it over gRPC; the Flower ServerApp drives it
+    through Flower messages."""
+
+    def __init__(self, home: Home, clock: Clock | None = None):
+        """``clock``: the time the registry and the reaper go by (a ManualClock in tests: its
+        reaper runs only when ``reap`` is called)."""
         self.home = home
         self.clock = clock or SystemClock()
         self.config = home.load_config()
@@ -61,24 +65,6 @@ class CoordinatorServer:
         self.service = CoordinatorService(
             home, self.config, self.registry, self.store, self.key, on_all_signed=self.assembler.request
         )
-        self.auth = AuthInterceptor(self.registry)
-        self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=SERVER_WORKERS),
-            interceptors=[DecodingInterceptor(), self.auth],
-            options=SERVER_OPTIONS,
-            maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
-        )
-        ddm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
-        try:
-            if tls is None:
-                self.port = self.server.add_insecure_port(listen)
-            else:
-                self.port = self.server.add_secure_port(listen, tls.credentials())
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            self._release()
-            raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_every, name="lease-reaper", daemon=True)
         self.clean_staging_every_s = CLEAN_STAGING_EVERY_S
@@ -86,7 +72,6 @@ class CoordinatorServer:
         self._orphans_checked = float("-inf")
 
     def start(self) -> None:
-        self.server.start()
         self._reaper.start()
         self._resume_assembly()
 
@@ -107,11 +92,11 @@ class CoordinatorServer:
                 log.exception("lease reaper")
 
     def reap(self) -> None:
-        """One round of the reaper: write buffered heartbeats and traffic counters, expire silent
-        leases, look for an orphaned assembly and, every ``clean_staging_every_s``, abandon stale
-        uploads and delete unowned staged bytes."""
+        """One round of the reaper: write buffered heartbeats (and traffic counters), expire
+        silent leases, look for an orphaned assembly and, every ``clean_staging_every_s``,
+        abandon stale uploads and delete unowned staged bytes."""
         self.registry.flush_heartbeats()
-        self.auth.flush()
+        self._flush_traffic()
         expired = self.registry.expire_leases()
         if expired:
             log.info("%d lease(s) expired; their experts are open again", expired)
@@ -122,17 +107,59 @@ class CoordinatorServer:
         if now - self._cleaned >= self.clean_staging_every_s and self.service.clean_staging():
             self._cleaned = now
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
+    def _flush_traffic(self) -> None:
+        """Counters of calls kept in memory, written by the reaper; a server has some."""
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self) -> None:
         self._stop.set()
-        self.server.stop(grace).wait()
         self.registry.flush_heartbeats()
-        self.auth.flush()
+        self._flush_traffic()
         self.registry.close()
         self._release()
 
     def _release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+class CoordinatorServer(Coordinator):
+    """The coordinator served over gRPC on ``listen``."""
+
+    def __init__(self, home: Home, listen: str, tls: ServerTls | None = None, clock: Clock | None = None):
+        """``tls``: the certificate (and, for mutual TLS, the client CA) to serve TLS with; None
+        serves plaintext (in-process tests, loopback)."""
+        super().__init__(home, clock)
+        self.auth = AuthInterceptor(self.registry)
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=SERVER_WORKERS),
+            interceptors=[DecodingInterceptor(), self.auth],
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=SERVER_MAX_CONCURRENT_RPCS,
+        )
+        ddm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        try:
+            if tls is None:
+                self.port = self.server.add_insecure_port(listen)
+            else:
+                self.port = self.server.add_secure_port(listen, tls.credentials())
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.registry.close()
+            self._release()
+            raise HomeError(f"cannot listen on {listen}; is the address valid and the port free?")
+
+    def start(self) -> None:
+        self.server.start()
+        super().start()
+
+    def _flush_traffic(self) -> None:
+        self.auth.flush()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        self.server.stop(grace).wait()
+        super().stop()

@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -190,72 +190,12 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
     @rpc
     def BeginUpload(self, request, context):
-        if not is_sha256(request.sha256):
-            refuse(context, "invalid_argument", "sha256 must be 64 lowercase hex characters")
-        free = shutil.disk_usage(self.store.staging).free
-        if free < request.size + self.config.disk_reserve_bytes:
-            refuse(
-                context,
-                "resource_exhausted",
-                f"the coordinator's disk is full: {free / MiB:.0f} MiB free, an upload of {request.size / MiB:.1f} MiB"
-                f" needs {self.config.disk_reserve_bytes / MiB:.0f} MiB to spare; try again once its operator has"
-                " freed space",
-            )
-        upload, superseded = self.registry.begin_upload(
-            context.island.id,
-            request.lease_id,
-            request.size,
-            request.sha256,
-            self.config.max_upload_bytes,
-            expert_quota=self.config.expert_upload_quota(),
-        )
-        for old in superseded:
-            self.store.discard_staged(old)
-        return self._state(upload)
+        return self._state(self.begin_upload(context.island.id, request.lease_id, request.size, request.sha256))
 
     @rpc
     def UploadChunks(self, request_iterator: Iterator[pb.UploadChunk], context):
         with self.uploads.hold(context.island.id):
-            return self._receive(request_iterator, context)
-
-    def _receive(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadState:
-        island = context.island
-        quota = self.config.expert_upload_quota()
-        upload = None
-        for chunk in request_iterator:
-            if upload is None or upload.id != chunk.upload_id:
-                upload = self.registry.upload_for(island.id, chunk.upload_id)
-            if upload.state != "open":
-                refuse(context, "failed_precondition", f"upload {upload.id} is {upload.state}; begin a new upload")
-            n = len(chunk.data)
-            end = chunk.offset + n
-            if chunk.offset != upload.committed_offset:
-                refuse(
-                    context,
-                    "failed_precondition",
-                    f"chunk at offset {chunk.offset} but the committed offset is {upload.committed_offset};"
-                    " query the upload and resume from there",
-                )
-            if n == 0 or n > MAX_CHUNK_BYTES or (n < MIN_CHUNK_BYTES and end != upload.size):
-                refuse(context, "invalid_argument", f"chunks must be 1 to 4 MiB (the last may be shorter), got {n}")
-            if end > upload.size:
-                refuse(context, "invalid_argument", f"chunk ends at {end}, past the declared size {upload.size}")
-            if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
-                refuse(context, "data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
-            self.registry.require_expert_quota(island.id, upload.expert_id, n, quota)  # before a byte is written
-            self.store.write_chunk(upload.id, chunk.offset, chunk.data)
-            fault_point("upload.chunk_written")
-            try:
-                upload.committed_offset = self.registry.commit_chunk(
-                    island.id, upload, chunk.offset, n, expert_quota=quota
-                )
-            except Revoked:  # revoked while the stream was open: its bytes go, as `revoke` said
-                self.store.discard_staged(upload.id)
-                raise
-            fault_point("upload.chunk_committed")
-        if upload is None:
-            refuse(context, "invalid_argument", "an upload stream needs at least one chunk")
-        return self._state(upload)
+            return self._state(self.receive(context.island.id, request_iterator))
 
     @rpc
     def QueryUpload(self, request, context):
@@ -263,11 +203,78 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
 
     @rpc
     def CompleteUpload(self, request, context):
-        island = context.island
+        return self.complete_upload(context.island.id, request.upload_id)
+
+    # The upload path itself, for an island id: the RPCs above and the Flower ServerApp
+    # (coordinator/flower_server.py) both go through it. A refusal raises Refused or RegistryError.
+
+    def begin_upload(self, island_id: str, lease_id: str, size: int, sha256: str):
+        if not is_sha256(sha256):
+            raise Refused("invalid_argument", "sha256 must be 64 lowercase hex characters")
+        free = shutil.disk_usage(self.store.staging).free
+        if free < size + self.config.disk_reserve_bytes:
+            raise Refused(
+                "resource_exhausted",
+                f"the coordinator's disk is full: {free / MiB:.0f} MiB free, an upload of {size / MiB:.1f} MiB"
+                f" needs {self.config.disk_reserve_bytes / MiB:.0f} MiB to spare; try again once its operator has"
+                " freed space",
+            )
+        upload, superseded = self.registry.begin_upload(
+            island_id,
+            lease_id,
+            size,
+            sha256,
+            self.config.max_upload_bytes,
+            expert_quota=self.config.expert_upload_quota(),
+        )
+        for old in superseded:
+            self.store.discard_staged(old)
+        return upload
+
+    def receive(self, island_id: str, chunks: Iterable[pb.UploadChunk]):
+        """Commit a stream of chunks in order; returns the upload as last committed."""
+        quota = self.config.expert_upload_quota()
+        upload = None
+        for chunk in chunks:
+            if upload is None or upload.id != chunk.upload_id:
+                upload = self.registry.upload_for(island_id, chunk.upload_id)
+            if upload.state != "open":
+                raise Refused("failed_precondition", f"upload {upload.id} is {upload.state}; begin a new upload")
+            n = len(chunk.data)
+            end = chunk.offset + n
+            if chunk.offset != upload.committed_offset:
+                raise Refused(
+                    "failed_precondition",
+                    f"chunk at offset {chunk.offset} but the committed offset is {upload.committed_offset};"
+                    " query the upload and resume from there",
+                )
+            if n == 0 or n > MAX_CHUNK_BYTES or (n < MIN_CHUNK_BYTES and end != upload.size):
+                raise Refused("invalid_argument", f"chunks must be 1 to 4 MiB (the last may be shorter), got {n}")
+            if end > upload.size:
+                raise Refused("invalid_argument", f"chunk ends at {end}, past the declared size {upload.size}")
+            if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+                raise Refused("data_loss", f"chunk at offset {chunk.offset} does not match its checksum; resend it")
+            self.registry.require_expert_quota(island_id, upload.expert_id, n, quota)  # before a byte is written
+            self.store.write_chunk(upload.id, chunk.offset, chunk.data)
+            fault_point("upload.chunk_written")
+            try:
+                upload.committed_offset = self.registry.commit_chunk(
+                    island_id, upload, chunk.offset, n, expert_quota=quota
+                )
+            except Revoked:  # revoked while the stream was open: its bytes go, as `revoke` said
+                self.store.discard_staged(upload.id)
+                raise
+            fault_point("upload.chunk_committed")
+        if upload is None:
+            raise Refused("invalid_argument", "an upload stream needs at least one chunk")
+        return upload
+
+    def complete_upload(self, island_id: str, upload_id: str) -> pb.CompleteUploadReply:
+        """Validate, score (shared mode), store, sign and register a fully received upload."""
         # One completion at a time, across every process serving the home: a completion retried
         # through another process waits for the first, then finds its signed entry.
         with self.registry.exclusive("complete"):
-            upload = self.registry.upload_for(island.id, request.upload_id)
+            upload = self.registry.upload_for(island_id, upload_id)
             expert = self.registry.expert(upload.expert_id)
             if upload.state == "complete" and expert.checkpoint_sha256 == upload.sha256:
                 # Asked again (the reply was lost): the same signed entry, nothing redone.
@@ -275,15 +282,13 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                     sha256=upload.sha256, entry_json=expert.entry_json, signature=expert.signature
                 )
             if upload.state != "open":
-                refuse(
-                    context,
+                raise Refused(
                     "failed_precondition",
                     f"upload {upload.id} is {upload.state} ({upload.reason}); begin a new upload",
                 )
-            self.registry.require_active_lease(island.id, upload)
+            self.registry.require_active_lease(island_id, upload)
             if upload.committed_offset != upload.size:
-                refuse(
-                    context,
+                raise Refused(
                     "failed_precondition",
                     f"only {upload.committed_offset} of {upload.size} bytes are committed; send the rest first",
                 )
@@ -293,19 +298,17 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
                 self.registry.reject_upload(upload.id, reason)
                 self.store.discard_staged(upload.id)
                 # The reason may quote names from the file: escaped to one line and bounded.
-                refuse(
-                    context, "invalid_argument", f"checkpoint rejected: {shown(reason, 400)}; fix it and upload again"
-                )
+                raise Refused("invalid_argument", f"checkpoint rejected: {shown(reason, 400)}; fix it and upload again")
             if path != self.store.path(upload.sha256):
                 self.store.add_file(path, move=True, digest=upload.sha256)
             fault_point("complete.stored")
-            self.registry.mark_verified(island.id, upload)
+            self.registry.mark_verified(island_id, upload)
             fault_point("complete.verified")
             entry = {
                 "format": ENTRY_FORMAT,
                 "expert_id": expert.id,
                 "cluster_id": expert.cluster_id,
-                "island_id": island.id,
+                "island_id": island_id,
                 "sha256": upload.sha256,
                 "size": upload.size,
                 **provenance,
@@ -314,9 +317,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             entry_json, signature = self.key.sign(entry)
             fault_point("complete.signed")
             all_signed = self.registry.register_expert(
-                island.id, upload, upload.size, provenance["steps"], entry_json, signature
+                island_id, upload, upload.size, provenance["steps"], entry_json, signature
             )
-        log.info("signed expert %d from island %s (%s)", expert.id, island.id, upload.sha256[:12])
+        log.info("signed expert %d from island %s (%s)", expert.id, island_id, upload.sha256[:12])
         if all_signed:
             self.on_all_signed()
         return pb.CompleteUploadReply(sha256=upload.sha256, entry_json=entry_json, signature=signature)

@@ -37,6 +37,14 @@ from .limits import (
 )
 
 HEX = "0123456789abcdef"
+
+
+def is_repeated(field: FieldDescriptor) -> bool:
+    """Whether ``field`` is repeated, under every protobuf runtime ddm supports (5.29 has only
+    ``label``; 7.x has only ``is_repeated``)."""
+    flag = getattr(field, "is_repeated", None)
+    return flag if flag is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
 _INTS = {
     FieldDescriptor.TYPE_INT32,
     FieldDescriptor.TYPE_INT64,
@@ -240,7 +248,7 @@ def _problem(message: Message) -> str | None:
         bound = table.get(field.name)
         if bound is None:
             return f"{descriptor.name}.{field.name} has no bound; the coordinator accepts no field without one"
-        if field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated and not message.HasField(field.name):
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not is_repeated(field) and not message.HasField(field.name):
             continue
         problem = bound.problem(getattr(message, field.name))
         if problem is not None:

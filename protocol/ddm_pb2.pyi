@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -92,7 +91,7 @@ class NoWork(_message.Message):
     reason: str
     finished: bool
     retry_after_s: int
-    def __init__(self, reason: _Optional[str] = ..., finished: _Optional[bool] = ..., retry_after_s: _Optional[int] = ...) -> None: ...
+    def __init__(self, reason: _Optional[str] = ..., finished: bool = ..., retry_after_s: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("lease_id", "step", "loss", "images_per_second")

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from protocol import bounds
 from protocol import ddm_pb2 as pb
-from protocol.bounds import BOUNDS, HEX, Blob, Flag, Int, Items, Nested, Real, Text
+from protocol.bounds import BOUNDS, HEX, Blob, Flag, Int, Items, Nested, Real, Text, is_repeated
 from protocol.limits import MAX_CHUNK_BYTES
 
 REQUESTS = bounds.request_types()
@@ -26,7 +26,7 @@ def test_every_field_of_every_request_has_a_bound_of_its_kind():
         for field_name, field in fields.items():
             bound = BOUNDS[name][field_name]
             assert bound.fits(field), f"{name}.{field_name}: {bound} does not fit a field of type {field.type}"
-            assert isinstance(bound, Items) == field.is_repeated, f"{name}.{field_name}: repeated needs Items"
+            assert isinstance(bound, Items) == is_repeated(field), f"{name}.{field_name}: repeated needs Items"
 
 
 def _with_extra_field() -> type:
