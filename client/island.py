@@ -63,6 +63,15 @@ class LeaseLost(ClientError):
     """The coordinator gave the lease's expert to another island."""
 
 
+class Unfit(ClientError):
+    """This island cannot train the lease: ``reason`` is what the coordinator is told (nothing
+    about the data beyond that it does not fit), the message what the island's operator reads."""
+
+    def __init__(self, reason: str, message: str | None = None):
+        super().__init__(message or reason)
+        self.reason = reason
+
+
 @dataclass
 class JoinOptions:
     coordinator: str
@@ -219,8 +228,9 @@ def siloed(lease: pb.Lease) -> bool:
     return lease.WhichOneof("data") is None
 
 
-def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDataset:
-    """The island's own data, checked against the model's image shape before any training."""
+def load_silo(lease: pb.Lease, path: str | None) -> ImageDataset:
+    """The island's own data, checked against the model's image shape before any training;
+    ``Unfit`` if it cannot serve the lease."""
     if not path:
         raise ClientError("this coordinator runs in siloed mode: pass --data PATH (your own image folder or .npz)")
     model = DiTConfig.from_dict(json.loads(lease.model_config_json))
@@ -231,25 +241,19 @@ def load_silo(conn: Connection, lease: pb.Lease, path: str | None) -> ImageDatas
 
     # The coordinator hears only that the data does not fit, not what it is.
     if have != want:
-        refuse_lease(
-            conn,
-            lease,
+        raise Unfit(
             f"the island's data does not fit the model's {want[0]}x{want[1]}x{want[2]} images",
             f"{path} holds {have[0]}x{have[1]}x{have[2]} images; this coordinator's model needs "
             f"{want[0]}x{want[1]}x{want[2]} (resize your data, e.g. an image folder of that size)",
         )
     if model.num_classes and data.labels is None:
-        refuse_lease(
-            conn,
-            lease,
+        raise Unfit(
             "the island's data has no class labels for the class-conditional model",
             f"{path} has no class labels, and this coordinator's model is class-conditional ({model.num_classes}"
             " classes): give an .npz with a 'labels' array or an image folder with one subfolder per class",
         )
     if model.num_classes and data.num_classes > model.num_classes:
-        refuse_lease(
-            conn,
-            lease,
+        raise Unfit(
             f"the island's labels do not fit the model's {model.num_classes} classes",
             f"{path} has labels up to {data.num_classes - 1}; this coordinator's model has classes 0 to"
             f" {model.num_classes - 1}",
@@ -266,9 +270,19 @@ def fetch_data(
     share_counts: bool = False,
 ) -> ImageDataset:
     """The lease's cluster: the island's own data (siloed), or a shard or index list verified
-    against the fingerprints the coordinator sent (shared)."""
+    against the fingerprints the coordinator sent (shared). A lease the island cannot serve is
+    given back with its reason."""
+    try:
+        return _fetch_data(conn, lease, state, local, silo, share_counts)
+    except Unfit as exc:
+        refuse_lease(conn, lease, exc.reason, str(exc))
+
+
+def _fetch_data(
+    conn: Connection, lease: pb.Lease, state: IslandState, local: str | None, silo: str | None, share_counts: bool
+) -> ImageDataset:
     if siloed(lease):
-        return load_silo(conn, lease, silo)
+        return load_silo(lease, silo)
     if silo:
         raise ClientError("--data is for siloed coordinators; this one shares its dataset (drop --data)")
     if share_counts:
@@ -287,40 +301,49 @@ def fetch_data(
         raise ClientError("the coordinator sent an index list but this island has no --dataset of its own")
     dataset = load_dataset(local)
     if dataset.fingerprint() != index.dataset_fingerprint:
-        refuse_lease(
-            conn,
-            lease,
+        raise Unfit(
             f"the local dataset {local} has fingerprint {dataset.fingerprint()[:16]}…, the coordinator's"
             f" {index.dataset} has {index.dataset_fingerprint[:16]}…; refusing to train on a different copy",
         )
     try:
         shard = dataset.subset(list(index.ids), name=f"{dataset.name}-cluster-{lease.cluster_id}")
     except DataError as exc:
-        refuse_lease(conn, lease, f"the coordinator's index list does not fit the local dataset: {exc}")
+        raise Unfit(f"the coordinator's index list does not fit the local dataset: {exc}") from None
     if shard.fingerprint() != lease.shard_fingerprint:
-        refuse_lease(conn, lease, "the cluster cut from the local dataset does not match the coordinator's fingerprint")
+        raise Unfit("the cluster cut from the local dataset does not match the coordinator's fingerprint")
     return shard
 
 
-def train_lease(
-    heartbeat: Heartbeat, lease: pb.Lease, state: IslandState, data: ImageDataset, opts: JoinOptions
-) -> Path:
-    """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N;
-    returns the finished checkpoint in the outbox."""
+def finished_checkpoint(lease: pb.Lease, state: IslandState, data: ImageDataset) -> tuple[Path, Path | None]:
+    """Where the lease's finished checkpoint goes in the outbox, and that path again if an
+    earlier run already finished it (same steps, same model), else None."""
     model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
-    train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
-    train_cfg.device = opts.device
-    fingerprint = data.fingerprint()
-    out = state.outbox / f"expert-{lease.expert_id}-{fingerprint[:16]}.safetensors"
+    steps = TrainConfig.from_dict(json.loads(lease.train_config_json)).steps
+    out = state.outbox / f"expert-{lease.expert_id}-{data.fingerprint()[:16]}.safetensors"
     if out.exists():
         info, _ = read_checkpoint_header(out)
-        if info.steps == train_cfg.steps and info.model == model_cfg.to_dict():
-            console.print(f"expert {lease.expert_id}: already trained, uploading {out.name}", highlight=False)
-            heartbeat.update(info.steps, info.metrics.get("final_loss", math.nan), 0.0)
-            return out
-    nproc = opts.nproc_per_node
+        if info.steps == steps and info.model == model_cfg.to_dict():
+            return out, out
+    return out, None
+
+
+def expert_job(
+    lease: pb.Lease,
+    state: IslandState,
+    data: ImageDataset,
+    out: Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    nproc: int = 1,
+    share_counts: bool = False,
+) -> ExpertJob:
+    """The lease's expert as a training job, resumable from the state folder's work directory."""
+    model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
+    train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
+    train_cfg.device = device
+    fingerprint = data.fingerprint()
     processes = f", {nproc} processes" if nproc > 1 else ""
-    job = ExpertJob(
+    return ExpertJob(
         model=model_cfg,
         train=train_cfg,
         checkpoint_dir=state.work(lease.expert_id),
@@ -330,9 +353,24 @@ def train_lease(
         # A siloed island sends no fingerprint of its data, not even a hash; its counts only if it opts in.
         export_fingerprint="" if siloed(lease) else fingerprint,
         cluster_id=lease.cluster_id,
-        metrics={COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if opts.share_counts else None,
-        threads=opts.threads or max(1, torch.get_num_threads() // nproc),
+        metrics={COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if share_counts else None,
+        threads=threads or max(1, torch.get_num_threads() // nproc),
     )
+
+
+def train_lease(
+    heartbeat: Heartbeat, lease: pb.Lease, state: IslandState, data: ImageDataset, opts: JoinOptions
+) -> Path:
+    """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N;
+    returns the finished checkpoint in the outbox."""
+    out, done = finished_checkpoint(lease, state, data)
+    if done is not None:
+        info, _ = read_checkpoint_header(done)
+        console.print(f"expert {lease.expert_id}: already trained, uploading {done.name}", highlight=False)
+        heartbeat.update(info.steps, info.metrics.get("final_loss", math.nan), 0.0)
+        return done
+    nproc = opts.nproc_per_node
+    job = expert_job(lease, state, data, out, opts.device, opts.threads, nproc, opts.share_counts)
     try:
         if nproc == 1:
             return run_job(job, data, on_progress=heartbeat.update, stop=heartbeat.lost)

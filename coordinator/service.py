@@ -137,6 +137,13 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             grant.expert_id,
             context.island.id,
         )
+        lease = self.lease_message(grant, own_copy=bool(request.local_dataset))
+        return pb.AcquireLeaseReply(lease=lease)
+
+    def lease_message(self, grant: Grant, own_copy: bool = False) -> pb.Lease:
+        """The lease as an island receives it: model and train config, deadline, and its data
+        (nothing in siloed mode; an index list for an island with its own copy of the dataset,
+        else the cluster's shard)."""
         lease = pb.Lease(
             lease_id=grant.lease_id,
             expert_id=grant.expert_id,
@@ -149,7 +156,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         )
         if self.validator.clustering is None:
             pass  # siloed: the island's own data is its cluster; the lease names no data at all
-        elif request.local_dataset:
+        elif own_copy:
             lease.index_list.CopyFrom(
                 pb.IndexList(
                     dataset=self.config.dataset,
@@ -160,7 +167,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
         else:
             artifact = self.registry.artifact(grant.shard_sha256)
             lease.shard.CopyFrom(pb.Shard(sha256=grant.shard_sha256, size=artifact.size))
-        return pb.AcquireLeaseReply(lease=lease)
+        return lease
 
     @rpc
     def Heartbeat(self, request, context):

@@ -13,6 +13,7 @@ installed) under ``workdir``; stdout and stderr go to ``workdir/logs/<name>.log`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import psutil
 from .conftest import free_port
 
 CONNECTION = "e2e"  # the connection name written to config.toml
+IN_MEMORY = ":flwr-in-memory:"  # flower-superlink --database default; else a SQLite file path
 
 
 def toml_pairs(values: dict) -> list[str]:
@@ -69,13 +71,18 @@ class FlowerRunError(AssertionError):
 
 
 class Federation:
-    def __init__(self, workdir: Path, node_configs: list[dict], venv_bin: Path | None = None,
-                 ready_timeout: float = 60.0, rss_every: float = 0.1, database: str = ":flwr-in-memory:"):
+    """A SuperLink and one SuperNode per ``node_configs`` entry; ``venv_bin`` holds the flwr executables."""
+
+    READY_TIMEOUT = 60.0  # seconds for the SuperLink to listen and every SuperNode to be activated
+    RSS_EVERY = 0.1  # seconds between two samples of the SuperLink's memory
+
+    def __init__(
+        self, workdir: Path, node_configs: list[dict], venv_bin: Path | None = None, database: str = IN_MEMORY
+    ):
         self.workdir = Path(workdir)
         self.logs = self.workdir / "logs"
         self.node_configs = node_configs
         self.bin = Path(venv_bin or Path(sys.executable).parent)
-        self.ready_timeout = ready_timeout
         self.database = database  # or a file path: SQLite state that outlives a SuperLink restart
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -83,7 +90,6 @@ class Federation:
         self.nodes: list[psutil.Popen | None] = []
         self.node_ids: list[int | None] = []
         self._peak = {"tree": 0, "main": 0}
-        self._rss_every = rss_every
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -92,17 +98,23 @@ class Federation:
     def env(self, name: str) -> dict:
         home = self.workdir / "home" / name
         (home / "flwr").mkdir(parents=True, exist_ok=True)
-        return {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                "HOME": str(home), "FLWR_HOME": str(home / "flwr"), "PYTHONUNBUFFERED": "1",
-                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "COLUMNS": "200"}
+        return {
+            **os.environ,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HOME": str(home),
+            "FLWR_HOME": str(home / "flwr"),
+            "PYTHONUNBUFFERED": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "COLUMNS": "200",
+        }
 
     def _spawn(self, name: str, *args: str) -> psutil.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as out:
-            return psutil.Popen([str(self.bin / args[0]), *args[1:]], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self.env(name), cwd=self.workdir,
-                                start_new_session=True)
+            argv = [str(self.bin / args[0]), *args[1:]]
+            return psutil.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env(name), start_new_session=True)
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
@@ -117,26 +129,27 @@ class Federation:
             time.sleep(0.1)
 
     def all_logs(self) -> str:
-        return "\n".join(f"--- {p.stem}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.glob("*.log")))
+        logs = sorted(self.logs.glob("*.log"))
+        return "\n".join(f"--- {p.stem}\n{p.read_text(errors='replace')[-4000:]}" for p in logs)
 
     def start(self) -> Federation:
         (self.workdir / "home" / "cli" / "flwr").mkdir(parents=True, exist_ok=True)
         (self.workdir / "home" / "cli" / "flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n')
-        self.superlink = self._spawn("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                     "--port", str(self.port), "--disable-runtime-dependency-installation",
-                                     "--database", self.database)
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+        )
+        args = f"--insecure --host 127.0.0.1 --port {self.port} --disable-runtime-dependency-installation"
+        self.superlink = self._spawn("superlink", "flower-superlink", *args.split(), "--database", self.database)
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
         self._sampler.start()
-        self._wait("SuperLink listening", lambda: _accepts(self.port), self.ready_timeout)
+        self._wait("SuperLink listening", lambda: _accepts(self.port), self.READY_TIMEOUT)
         for i, config in enumerate(self.node_configs):
-            self.nodes.append(self._spawn(f"supernode-{i}", "flower-supernode", "--insecure",
-                                          "--superlink", self.address, "--port", str(free_port()),
-                                          "--node-config", " ".join(toml_pairs(config))))
+            args = f"--insecure --superlink {self.address} --port {free_port()}".split()
+            node_config = " ".join(toml_pairs(config))
+            self.nodes.append(self._spawn(f"supernode-{i}", "flower-supernode", *args, "--node-config", node_config))
             self.node_ids.append(None)
-        self._wait("SuperNodes registered", lambda: all(self._node_id(i) for i in range(len(self.nodes))),
-                   self.ready_timeout)
+        registered = lambda: all(self._node_id(i) for i in range(len(self.nodes)))  # noqa: E731
+        self._wait("SuperNodes registered", registered, self.READY_TIMEOUT)
         return self
 
     def _node_id(self, i: int) -> int | None:
@@ -176,15 +189,10 @@ class Federation:
                 procs = [self.superlink, *self.superlink.children(recursive=True)]
             except psutil.Error:
                 return
-            sizes = []
-            for p in procs:
-                try:
-                    sizes.append(p.memory_info().rss)
-                except psutil.Error:
-                    sizes.append(0)
+            sizes = [_rss(p) for p in procs]
             self._peak["main"] = max(self._peak["main"], sizes[0])
             self._peak["tree"] = max(self._peak["tree"], sum(sizes))
-            self._stop.wait(self._rss_every)
+            self._stop.wait(self.RSS_EVERY)
 
     def superlink_peak_rss(self, main_only: bool = False) -> int:
         """Peak RSS in bytes of the SuperLink plus its children (SuperExec, flwr-serverapp), or of it alone."""
@@ -193,11 +201,12 @@ class Federation:
     # -- runs --------------------------------------------------------------------------------------
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / "flwr"), *args], capture_output=True, text=True,
-                              env=self.env("cli"), cwd=self.workdir, timeout=max(timeout, 1.0))
+        argv = [str(self.bin / "flwr"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env("cli"), timeout=max(timeout, 1.0))
 
-    def run(self, app_dir: Path, run_config: dict | None = None, timeout: float = 300.0,
-            check: bool = True) -> RunResult:
+    def run(
+        self, app_dir: Path, run_config: dict | None = None, timeout: float = 300.0, check: bool = True
+    ) -> RunResult:
         """``flwr run`` the app, wait for the run to finish, return its status and ServerApp logs.
 
         Raises FlowerRunError (with all logs) on a timeout, and, if ``check``, unless it completed.
@@ -205,10 +214,7 @@ class Federation:
         start = time.monotonic()
         overrides = [a for pair in toml_pairs(run_config or {}) for a in ("--run-config", pair)]
         done = self.flwr("run", str(app_dir), CONNECTION, "--format", "json", *overrides, timeout=timeout)
-        try:
-            run_id = int(json.loads(done.stdout[done.stdout.index("{"):])["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise FlowerRunError(f"flwr run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+        run_id = int(_json(done)["run-id"])
         logs, details = "", {}
         while True:  # the log stream ends when the run has finished
             left = timeout - (time.monotonic() - start)
@@ -218,16 +224,33 @@ class Federation:
             except subprocess.TimeoutExpired as err:
                 out = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
                 self.flwr("stop", str(run_id), CONNECTION)
-                raise FlowerRunError(f"run {run_id} still going after {timeout:.0f} s:\n{out}\n{self.all_logs()}") from None
-            listed = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-            details = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"][0]
+                raise FlowerRunError(
+                    f"run {run_id} still going after {timeout:.0f} s:\n{out}\n{self.all_logs()}"
+                ) from None
+            details = _json(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))["runs"][0]
             if details["status"].startswith("finished") or time.monotonic() - start > timeout:
                 break
         result = RunResult(run_id, details["status"], logs, time.monotonic() - start, details)
         if check and result.status != "finished:completed":
-            raise FlowerRunError(f"run {run_id} ended {result.status}: {details.get('status-details')}\n"
-                                 f"{logs}\n{self.all_logs()}")
+            raise FlowerRunError(
+                f"run {run_id} ended {result.status}: {details.get('status-details')}\n{logs}\n{self.all_logs()}"
+            )
         return result
+
+
+def _json(done: subprocess.CompletedProcess) -> dict:
+    """The JSON object a ``flwr ... --format json`` command printed."""
+    try:
+        return json.loads(done.stdout[done.stdout.index("{") :])
+    except ValueError:
+        raise FlowerRunError(f"{done.args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+
+def _rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.Error:  # it has just ended
+        return 0
 
 
 def _accepts(port: int) -> bool:
@@ -240,19 +263,13 @@ def _end(roots: list[psutil.Process], first: int = signal.SIGTERM, grace: float 
     """Signal the processes and all their descendants (SuperExec and app processes run in new sessions)."""
     procs = []
     for root in roots:
-        try:
+        with contextlib.suppress(psutil.Error):
             procs += [root, *root.children(recursive=True)]
-        except psutil.Error:
-            pass
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.send_signal(first)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=grace)
