@@ -13,6 +13,13 @@ The node's settings come from its operator (``flower-supernode --node-config``):
     device     cpu (default), cuda, cuda:1, ...
     threads    CPU threads for training (default: what torch chooses)
     share-counts  true: report the data's sample (and class) counts with the checkpoint
+    upload     "reply": always answer with the checkpoint, even when the ServerApp offers
+               ddm's port; default: upload through that port when offered and reachable
+
+When the ServerApp serves ddm's gRPC port, the message names it: the checkpoint then goes
+through ddm's resumable upload, pinned to the certificate the message names, and the reply
+carries its digest alone. A port that cannot be reached (or refuses the connection) falls back
+to the checkpoint inside the reply.
 
 The coordinator hears only that the data does not fit the model, never what it is: the
 details go to this node's log. Nothing else in ddm imports this module.
@@ -27,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,15 +43,19 @@ from ddm_model.data import DataError, ImageDataset, load_dataset_file
 from ddm_model.errors import DDMError
 from ddm_model.fsutil import atomic_path
 from protocol import ddm_pb2 as pb
-from protocol.flower import CHECKPOINT, FILE, FORMAT, RAW, RECORD, SHARD
+from protocol.flower import CHECKPOINT, FILE, FORMAT, RAW, RECORD, SHARD, UPLOAD
 from protocol.limits import MAX_REASON_CHARS
+from protocol.trust import key_fingerprint
 
-from .connection import ClientError
+from .connection import ClientError, Connection
 from .island import Unfit, expert_job, finished_checkpoint, load_silo, siloed
 from .nodes import run_job
-from .state import IslandState
+from .outbox import upload_lease
+from .state import Identity, IslandState
+from .tls import TlsSettings
 
 log = logging.getLogger("ddm.client")
+PORT_ATTEMPTS = 3  # tries of ddm's port before the checkpoint goes in the reply instead
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class NodeSettings:
     device: str = "cpu"
     threads: int | None = None
     share_counts: bool = False
+    upload: str = "port"  # or "reply"
 
     @classmethod
     def from_node_config(cls, config: dict) -> NodeSettings:
@@ -63,6 +76,7 @@ class NodeSettings:
             device=str(config.get("device", "cpu")),
             threads=int(threads) if threads else None,
             share_counts=str(config.get("share-counts", "false")).lower() in ("true", "1", "yes"),
+            upload="reply" if str(config.get("upload", "")).lower() == "reply" else "port",
         )
 
 
@@ -109,10 +123,8 @@ def expert_lock(state: IslandState, expert_id: int):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def train(message: Message, settings: NodeSettings) -> Path:
+def train(message: Message, lease: pb.Lease, state: IslandState, settings: NodeSettings) -> Path:
     """The lease's finished checkpoint: trained now, resumed, or found already trained."""
-    lease = received_lease(message)
-    state = IslandState(settings.state_dir)
     data = node_data(message, lease, state, settings)
     with expert_lock(state, lease.expert_id):
         out, done = finished_checkpoint(lease, state, data)
@@ -128,6 +140,37 @@ def train(message: Message, settings: NodeSettings) -> Path:
         return run_job(job, data)
 
 
+def upload_through_port(message: Message, lease: pb.Lease, state: IslandState, checkpoint: Path) -> str | None:
+    """Upload through ddm's port when the message offers one; the sha256 the coordinator signed,
+    or None when the port cannot be reached (the checkpoint then goes in the reply)."""
+    offer = message.content.config_records.get(UPLOAD)
+    if offer is None:
+        return None
+    address, credential = str(offer["address"]), str(offer["credential"])
+    public_key = bytes.fromhex(str(offer["public-key"]))
+    pinned = str(offer.get("tls-fingerprint", ""))
+    tls = TlsSettings(fingerprint=pinned) if pinned else TlsSettings(insecure=True)
+    identity = Identity(
+        coordinator=address,
+        island_id=credential.split(".", 1)[0],
+        credential=credential,
+        role="island",
+        public_key_hex=public_key.hex(),
+        key_fingerprint=key_fingerprint(public_key),
+        tls=tls.to_json(),
+    )
+    conn = Connection(address, credential, attempts=PORT_ATTEMPTS, tls=tls)
+    try:
+        return upload_lease(conn, lease, identity, checkpoint, state)
+    except ClientError as exc:
+        if exc.code == grpc.StatusCode.UNAVAILABLE:
+            log.warning("ddm's port at %s cannot be reached (%s); answering with the checkpoint", address, exc)
+            return None
+        raise
+    finally:
+        conn.close()
+
+
 app = ClientApp()
 
 
@@ -136,7 +179,14 @@ def train_expert(message: Message, context: Context) -> Message:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings = NodeSettings.from_node_config(dict(context.node_config))
-        checkpoint = train(message, settings)
+        lease = received_lease(message)
+        state = IslandState(settings.state_dir)
+        checkpoint = train(message, lease, state, settings)
+        if settings.upload == "port":
+            signed = upload_through_port(message, lease, state, checkpoint)
+            if signed is not None:
+                log.info("expert checkpoint %s uploaded through ddm's port and signed", signed[:12])
+                return reply(message, uploaded=signed)
     except Unfit as exc:
         log.warning("refusing the lease: %s", exc)
         return reply(message, refused=exc.reason[:MAX_REASON_CHARS])

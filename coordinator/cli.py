@@ -298,6 +298,44 @@ def demo(
         fail(str(exc))
 
 
+@app.command("flower-app")
+def flower_app(
+    directory: Path = typer.Argument(..., help="Folder to write the app's pyproject.toml in (new or empty)."),
+    home: Path = typer.Option(None, help=HOME_HELP),
+    expert_timeout_s: float = typer.Option(
+        43200.0, min=1.0, help="How long a node may take to train and return an expert (the message TTL)."
+    ),
+    wait_for_nodes_s: float = typer.Option(
+        600.0, min=0.0, help="How long a run waits for a node that can take the open experts before it ends."
+    ),
+    listen: str = typer.Option(
+        "", help="Also serve ddm's gRPC port here (HOST:PORT), for nodes that can reach it to upload through."
+    ),
+    address: str = typer.Option("", help="With --listen: the address nodes dial (default: --listen)."),
+) -> None:
+    """Write the Flower app directory for `flwr run`: a pyproject.toml naming ddm's ServerApp and
+    ClientApp, with this home in its run config. Each machine of the federation needs ddm with its
+    flower extra installed."""
+    from .flower_project import RunSettings, write_app
+    from .home import HomeError
+
+    try:
+        h = _home(home)
+        if not h.exists():
+            raise HomeError(f"{h.root} is not a coordinator home; run `ddm-coordinator init` first")
+        settings = RunSettings(
+            home=h.root.resolve(),
+            expert_timeout_s=expert_timeout_s,
+            wait_for_nodes_s=wait_for_nodes_s,
+            listen=listen,
+            address=address,
+        )
+        path = write_app(directory, settings)
+    except (DDMError, OSError) as exc:
+        fail(str(exc))
+    out.print(f"wrote {path}; run it with `flwr run {directory} YOUR-FEDERATION`", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def version() -> None:
     """Print the ddm version."""

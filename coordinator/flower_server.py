@@ -16,63 +16,52 @@ or a checkpoint the coordinator rejects. Such a node gets no more work in this r
 ServerApp that dies leaves leases that expire like any island's; `flwr run` again resumes the
 open experts, and each node resumes its training from its own local checkpoint.
 
+Checkpoints come back inside the Flower reply by default: a site then needs to reach nothing
+but its SuperLink, which is the point of running over Flower. With ``listen`` set, the ServerApp
+also serves ddm's gRPC port (TLS with the home's certificate) and each message tells the node
+where it is (``address``), its island's credential and the certificate's fingerprint to pin; a
+node that can reach it uploads through ddm's resumable, chunked upload (nothing held in the
+SuperLink's memory, a broken transfer resumed from its committed offset) and answers with the
+digest alone; a node that cannot, or whose operator says ``upload="reply"``, answers with the
+checkpoint as before.
+
 Run config (``flwr run --run-config``): ``home`` (required), ``expert-timeout-s`` (43200),
-``poll-s`` (2), ``wait-for-nodes-s`` (600: how long to wait for a node that can take work).
-Nothing else in ddm imports this module.
+``poll-s`` (2), ``wait-for-nodes-s`` (600: how long to wait for a node that can take work),
+``listen`` ("": no port), ``address`` (what nodes dial; default ``listen``), ``no-tls`` (false:
+plaintext, on loopback only). Nothing else in ddm imports this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ddm_model.fsutil import atomic_path
 from protocol import ddm_pb2 as pb
-from protocol.flower import CHECKPOINT, FILE, FORMAT, MESSAGE_TYPE, RAW, RECORD, SHARD
+from protocol.address import is_loopback, split_address
+from protocol.flower import CHECKPOINT, FILE, FORMAT, MESSAGE_TYPE, RAW, RECORD, SHARD, UPLOAD
 from protocol.limits import MAX_CHUNK_BYTES, MAX_REASON_CHARS
 
+from .flower_project import RunSettings
 from .home import Home, HomeError
 from .refusals import Refused
 from .registry import Grant, RegistryError, Revoked, shown
-from .server import Coordinator
+from .server import Coordinator, CoordinatorServer
+from .tls import load_server_tls
 
 log = logging.getLogger("ddm.coordinator")
 
 NODES_FILE = "flower-nodes.json"  # HOME/flower-nodes.json: which island each Flower node is
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    home: Path
-    expert_timeout_s: float = 43200.0
-    poll_s: float = 2.0
-    wait_for_nodes_s: float = 600.0
-
-    @classmethod
-    def from_run_config(cls, config: dict) -> RunSettings:
-        home = config.get("home") or os.environ.get("DDM_HOME")
-        if not home:
-            raise HomeError("no coordinator home: pass --run-config 'home=\"/path/to/home\"' (or set DDM_HOME)")
-        try:
-            return cls(
-                home=Path(str(home)),
-                expert_timeout_s=float(config.get("expert-timeout-s", cls.expert_timeout_s)),
-                poll_s=float(config.get("poll-s", cls.poll_s)),
-                wait_for_nodes_s=float(config.get("wait-for-nodes-s", cls.wait_for_nodes_s)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise HomeError(f"a run config value is not a number: {exc}") from None
 
 
 @dataclass
@@ -97,37 +86,46 @@ class Outcome:
 
 
 class NodeIslands:
-    """Which island each Flower node is, kept in HOME/flower-nodes.json so that a node keeps its
-    island (and its lease, and its place in the event log) across runs."""
+    """Which island each Flower node is, and its credential (sent to the node only when it may
+    upload through ddm's port), kept in HOME/flower-nodes.json (mode 600) so that a node keeps
+    its island, its lease and its place in the event log across runs."""
 
     def __init__(self, home: Home, coordinator: Coordinator):
         self.path = home.root / NODES_FILE
         self.registry = coordinator.registry
         try:
             raw = json.loads(self.path.read_text()) if self.path.exists() else {}
-            self.islands = {int(node): str(island) for node, island in raw.items()}
-        except (ValueError, AttributeError) as exc:
-            raise HomeError(
-                f"{self.path} is damaged ({exc}); restore it or delete it to enroll the nodes anew"
-            ) from None
+            self.known = {int(node): (str(v["island"]), str(v["credential"])) for node, v in raw.items()}
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            why = f"{self.path} is damaged ({exc!r}); restore it or delete it to enroll the nodes anew"
+            raise HomeError(why) from None
 
     def island(self, node_id: int) -> str:
-        if node_id not in self.islands:
+        return self.enrolled(node_id)[0]
+
+    def credential(self, node_id: int) -> str:
+        return self.enrolled(node_id)[1]
+
+    def enrolled(self, node_id: int) -> tuple[str, str]:
+        if node_id not in self.known:
             token = self.registry.create_invite("island", ttl_seconds=60)
-            island, _ = self.registry.redeem_invite(token, f"flower node {node_id}")
-            self.islands[node_id] = island.id
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.islands.items())}, indent=1))
+            island, credential = self.registry.redeem_invite(token, f"flower node {node_id}")
+            self.known[node_id] = (island.id, credential)
+            table = {str(k): {"island": i, "credential": c} for k, (i, c) in sorted(self.known.items())}
+            with atomic_path(self.path, mode=0o600) as tmp:
+                tmp.write_text(json.dumps(table, indent=1))
             log.info("flower node %d is island %s", node_id, island.id)
-        return self.islands[node_id]
+        return self.known[node_id]
 
 
-def train_message(lease: pb.Lease, shard: bytes | None) -> RecordDict:
-    """What a node receives: the lease exactly as a ddm island gets it, and in shared mode the
-    cluster's shard (a siloed node trains on its own data)."""
+def train_message(lease: pb.Lease, shard: bytes | None, upload: dict | None = None) -> RecordDict:
+    """What a node receives: the lease exactly as a ddm island gets it, in shared mode the
+    cluster's shard (a siloed node trains on its own data), and where it may upload to."""
     content = RecordDict({RECORD: ConfigRecord({"format": FORMAT, "lease": lease.SerializeToString()})})
     if shard is not None:
         content[SHARD] = ArrayRecord({FILE: raw_array(shard)})
+    if upload is not None:
+        content[UPLOAD] = ConfigRecord(upload)
     return content
 
 
@@ -136,9 +134,10 @@ def raw_array(data: bytes) -> Array:
     return Array(dtype="uint8", shape=(len(data),), stype=RAW, data=data)
 
 
-def reply_checkpoint(reply: Message) -> tuple[bytes, str]:
-    """The checkpoint's bytes and declared sha256 from a node's reply; ValueError if the reply
-    is not one (a refusal's reason, a malformed or foreign reply)."""
+def reply_checkpoint(reply: Message) -> tuple[bytes | None, str]:
+    """The checkpoint's bytes and declared sha256 from a node's reply, or (None, sha256) when the
+    node uploaded it through ddm's port; ValueError if the reply is neither (a refusal's reason,
+    a malformed or foreign reply)."""
     if reply.has_error():
         raise ValueError(f"the node failed: {shown(reply.error.reason, MAX_REASON_CHARS)}")
     content = reply.content
@@ -147,6 +146,8 @@ def reply_checkpoint(reply: Message) -> tuple[bytes, str]:
         raise ValueError("its reply is not a ddm reply of this format")
     if "refused" in result:
         raise ValueError(f"the node refused the lease: {shown(str(result['refused']), MAX_REASON_CHARS)}")
+    if isinstance(result.get("uploaded"), str):
+        return None, result["uploaded"]
     record = content.array_records.get(CHECKPOINT)
     if record is None or FILE not in record:
         raise ValueError("its reply carries no checkpoint")
@@ -166,7 +167,14 @@ class FlowerRun:
     """One `flwr run`: leases out, replies in, until every expert is signed and the ensemble is
     published, or no node is left that can take the open experts."""
 
-    def __init__(self, grid: Grid, coordinator: Coordinator, settings: RunSettings, clock=time.monotonic):
+    def __init__(
+        self,
+        grid: Grid,
+        coordinator: Coordinator,
+        settings: RunSettings,
+        clock=time.monotonic,
+        tls_fingerprint: str | None = None,
+    ):
         self.grid = grid
         self.coordinator = coordinator
         self.registry = coordinator.registry
@@ -174,6 +182,7 @@ class FlowerRun:
         self.settings = settings
         self.clock = clock
         self.nodes = NodeIslands(coordinator.home, coordinator)
+        self.tls_fingerprint = tls_fingerprint  # of the certificate served on settings.listen
         self.out: dict[str, Job] = {}  # message id -> job
         self.outcome = Outcome()
 
@@ -191,6 +200,17 @@ class FlowerRun:
             time.sleep(self.settings.poll_s)
         self._finish()
         return self.outcome
+
+    def _upload_record(self, node_id: int) -> dict | None:
+        """Where and as whom the node may upload through ddm's port; None without one."""
+        if not self.settings.listen:
+            return None
+        return {
+            "address": self.settings.address,
+            "credential": self.nodes.credential(node_id),
+            "tls-fingerprint": self.tls_fingerprint or "",  # "": plaintext (loopback)
+            "public-key": self.coordinator.key.public_bytes.hex(),
+        }
 
     def _all_signed(self) -> bool:
         return all(e.state == "signed" for e in self.registry.experts())
@@ -214,7 +234,7 @@ class FlowerRun:
             if lease.WhichOneof("data") == "shard":
                 shard = self.coordinator.store.path(grant.shard_sha256).read_bytes()
             message = Message(
-                content=train_message(lease, shard),
+                content=train_message(lease, shard, self._upload_record(node_id)),
                 dst_node_id=node_id,
                 message_type=MESSAGE_TYPE,
                 ttl=self.settings.expert_timeout_s,
@@ -243,14 +263,27 @@ class FlowerRun:
         expert = job.grant.expert_id
         try:
             data, sha256 = reply_checkpoint(reply)
-            upload = self.service.begin_upload(job.island_id, job.grant.lease_id, len(data), sha256)
-            self.service.receive(job.island_id, chunks(upload.id, data))
-            self.service.complete_upload(job.island_id, upload.id)
+            if data is None:
+                self._uploaded(job, sha256)
+                how = "uploaded through ddm's port"
+            else:
+                upload = self.service.begin_upload(job.island_id, job.grant.lease_id, len(data), sha256)
+                self.service.receive(job.island_id, chunks(upload.id, data))
+                self.service.complete_upload(job.island_id, upload.id)
+                how = "in its reply"
         except (ValueError, Refused, RegistryError) as exc:
             self._end(job, f"expert {expert}: {exc}")
             return
-        log.info("expert %d from flower node %d is signed", expert, job.node_id)
+        log.info("expert %d from flower node %d (%s) is signed", expert, job.node_id, how)
         self.outcome.signed.append(expert)
+
+    def _uploaded(self, job: Job, sha256: str) -> None:
+        """A node says it uploaded through ddm's port: its completion signed exactly that file
+        for this island, or the claim is refused."""
+        expert = self.registry.expert(job.grant.expert_id)
+        signer = json.loads(expert.entry_json)["island_id"] if expert.state == "signed" else None
+        if expert.checkpoint_sha256 != sha256 or signer != job.island_id:
+            raise ValueError("it claims an upload the coordinator has not signed")
 
     # -- leases kept alive or ended -------------------------------------------------------------
 
@@ -304,10 +337,21 @@ class FlowerRun:
 
 
 def run(grid: Grid, settings: RunSettings) -> Outcome:
-    coordinator = Coordinator(Home(settings.home))
+    home = Home(settings.home)
+    fingerprint = None
+    if settings.listen:
+        if settings.no_tls and not is_loopback(split_address(settings.listen)[0]):
+            raise HomeError(f"no-tls serves plaintext, so only on loopback; {settings.listen} is not")
+        tls = None if settings.no_tls else load_server_tls(home)
+        fingerprint = None if tls is None else tls.fingerprint
+        coordinator = CoordinatorServer(home, settings.listen, tls)
+        if settings.address == settings.listen and settings.listen.endswith(":0"):  # the port bound
+            settings = dataclasses.replace(settings, address=f"{split_address(settings.listen)[0]}:{coordinator.port}")
+    else:
+        coordinator = Coordinator(home)
     coordinator.start()
     try:
-        outcome = FlowerRun(grid, coordinator, settings).run()
+        outcome = FlowerRun(grid, coordinator, settings, tls_fingerprint=fingerprint).run()
     finally:
         coordinator.stop()
     return outcome

@@ -4,7 +4,12 @@ A train message carries a ConfigRecord ``ddm`` with ``format`` and ``lease`` (a 
 ddm.v1.Lease, exactly what AcquireLease gives a ddm island) and, in shared mode, an ArrayRecord
 ``shard`` whose Array ``file`` holds the cluster's shard file. The reply carries a ConfigRecord
 ``ddm`` with ``format`` and either ``sha256`` (and an ArrayRecord ``checkpoint`` whose Array
-``file`` holds the checkpoint file) or ``refused`` (why the node cannot train the lease).
+``file`` holds the checkpoint file), ``uploaded`` (the sha256 of a checkpoint the node uploaded
+through ddm's gRPC port, which the coordinator signed), or ``refused`` (why the node cannot
+train the lease). When the ServerApp serves ddm's port, the train message also carries a
+ConfigRecord ``upload``: ``address``, ``credential`` (the node's island), ``tls-fingerprint``
+(the certificate to pin; "" for plaintext on loopback) and ``public-key`` (the coordinator's
+signing key, hex).
 Files travel as raw bytes (Array stype ``raw``): never pickled, never parsed by numpy.
 """
 
@@ -15,3 +20,4 @@ SHARD = "shard"
 CHECKPOINT = "checkpoint"
 FILE = "file"
 RAW = "raw"
+UPLOAD = "upload"

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-flwr = pytest.importorskip("flwr", reason="the flower extra (Python >= 3.11) is not installed")
+from tests.flower import require_flower
+
+require_flower()
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402

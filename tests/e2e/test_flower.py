@@ -1,0 +1,120 @@
+"""A ddm ensemble trained over a real Flower federation on loopback: a SuperLink, two SuperNodes
+(each with its own silo in --node-config), and `flwr run` of the app `ddm-coordinator
+flower-app` writes; then a reader downloads the ensemble from `ddm-coordinator serve`, verifies
+it and samples it. Siloed mode: no image of a silo ever reaches the coordinator's home."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from tests.e2e.test_siloed import fingerprints_of
+from tests.flower import require_flower
+
+require_flower()
+
+from tests.e2e.conftest import free_port  # noqa: E402
+from tests.e2e.flower import Federation  # noqa: E402
+
+STEPS = 30
+
+
+def silos(root) -> list:
+    digits = load_digits()
+    pixels = (digits.images / 16 * 255).round().astype(np.uint8)
+    made = []
+    for k in range(2):
+        path = root / f"site-{k}" / "private" / "images.npz"
+        path.parent.mkdir(parents=True)
+        mine = digits.target % 2 == k  # even digits at one site, odd at the other
+        np.savez(path, images=pixels[mine], labels=digits.target[mine])
+        made.append((path, pixels[mine]))
+    return made
+
+
+@pytest.mark.slow
+def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_samples(coordinator, run, tmp_path):
+    sites = silos(tmp_path)
+    coord = coordinator(
+        "--mode",
+        "siloed",
+        "--image-size",
+        "8",
+        "--channels",
+        "1",
+        "--experts",
+        "2",
+        "--preset",
+        "tiny",
+        "--steps",
+        str(STEPS),
+        "--router-steps",
+        "30",
+        "--router-samples",
+        "128",
+        serve=False,
+    )
+    app = tmp_path / "flower-app"
+    made = run("ddm-coordinator", "flower-app", app, "--home", coord.home, "--wait-for-nodes-s", "60")
+    assert made.returncode == 0, made.stderr
+
+    # Site 0 uploads through ddm's port, which the ServerApp serves for this run (TLS, pinned
+    # through the Flower message); site 1 answers with its checkpoint inside the Flower reply.
+    nodes = [
+        {"data-dir": str(sites[0][0]), "state-dir": str(tmp_path / "site-0" / "state"), "threads": 1},
+        {
+            "data-dir": str(sites[1][0]),
+            "state-dir": str(tmp_path / "site-1" / "state"),
+            "threads": 1,
+            "upload": "reply",
+        },
+    ]
+    started = time.monotonic()
+    with Federation(tmp_path / "flower", nodes) as federation:
+        result = federation.run(app, {"poll-s": 0.5, "listen": f"127.0.0.1:{free_port()}"}, timeout=300)
+        peak = federation.superlink_peak_rss()
+    took = time.monotonic() - started
+    print(
+        f"flower run: {result.seconds:.1f} s ({took:.1f} s with the federation); SuperLink peak {peak / 2**20:.0f} MiB"
+    )
+    assert "published ensemble" in result.logs, result.logs[-3000:]
+
+    status = coord.status()
+    assert [e["state"] for e in status["experts"]] == ["signed", "signed"]
+    assert status["ensemble"]["state"] == "published"
+    islands = {i["name"]: i for i in status["islands"] if i["role"] == "island"}
+    assert sorted(islands) == sorted(f"flower node {n}" for n in federation.node_ids)
+    by_node = {n: islands[f"flower node {n}"] for n in federation.node_ids}
+    through_port, in_reply = (by_node[n] for n in federation.node_ids)
+    assert through_port["sent"]["checkpoint"]["bytes"] > 0  # ddm's upload carried it
+    assert in_reply["sent"]["checkpoint"]["bytes"] == 0  # the Flower reply carried it
+
+    # A reader downloads, verifies every signature against the pinned key, and samples.
+    coord.start()
+    ensemble = tmp_path / "ensemble"
+    reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+    got = run(
+        "ddm-client", "download", *coord.connect_args, "--out", ensemble, "--fingerprint", coord.fingerprint, *reader
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    manifest = json.loads((ensemble / "manifest.json").read_text())
+    assert manifest["mode"] == "siloed" and len(manifest["experts"]) == 2
+    npz = tmp_path / "samples.npz"
+    sampled = run(
+        "ddm-client", "sample", ensemble, "--n", "16", "--out", tmp_path / "s.png", "--npz", npz,
+        "--state-dir", tmp_path / "reader",
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    with np.load(npz) as saved:
+        assert saved["images"].shape == (16, 1, 8, 8)
+
+    # No image of either silo, and neither silo's path, is anywhere in the coordinator's home.
+    blobs = [p.read_bytes() for p in coord.home.rglob("*") if p.is_file()]
+    for path, images in sites:
+        for pattern in fingerprints_of(images):
+            assert not any(pattern in blob for blob in blobs)
+        assert not any(str(path.parent).encode() in blob for blob in blobs)
