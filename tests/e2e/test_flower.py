@@ -78,9 +78,7 @@ def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_sa
         result = federation.run(app, {"poll-s": 0.5, "listen": f"127.0.0.1:{free_port()}"}, timeout=300)
         peak = federation.superlink_peak_rss()
     took = time.monotonic() - started
-    print(
-        f"flower run: {result.seconds:.1f} s ({took:.1f} s with the federation); SuperLink peak {peak / 2**20:.0f} MiB"
-    )
+    print(f"flower run {result.seconds:.1f} s ({took:.1f} s with the federation), SuperLink peak {peak >> 20} MiB")
     assert "published ensemble" in result.logs, result.logs[-3000:]
 
     status = coord.status()
