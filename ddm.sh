@@ -13,7 +13,8 @@
 #   - torch: $TORCH_SPEC when set (e.g. torch==2.13.0+cu128), else the torch already in that
 #     environment, else torch==2.13.0 (the CPU wheel); from $TORCH_INDEX_URL when set (a GPU
 #     build's package index);
-#   - ddm itself, editable, with its test extra.
+#   - ddm itself, editable, with its test extra and its flower extra (flwr, on Python 3.11 and
+#     newer; on 3.10 pip skips it and the Flower tests say they are skipped).
 set -eu
 
 ROOT=$(cd "$(dirname "$0")" && pwd)
@@ -114,8 +115,8 @@ set_up() {
     make_venv
     pip install --quiet --upgrade pip
     install_torch
-    say "installing ddm and its test extra"
-    (cd "$ROOT" && pip install --quiet -e '.[test]')
+    say "installing ddm and its test and flower extras"
+    (cd "$ROOT" && pip install --quiet -e '.[test,flower]')
     printf '%s\n' "$WANTED" >"$STAMP"
 }
 

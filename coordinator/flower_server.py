@@ -280,10 +280,15 @@ class FlowerRun:
     def _uploaded(self, job: Job, sha256: str) -> None:
         """A node says it uploaded through ddm's port: its completion signed exactly that file
         for this island, or the claim is refused."""
-        expert = self.registry.expert(job.grant.expert_id)
-        signer = json.loads(expert.entry_json)["island_id"] if expert.state == "signed" else None
-        if expert.checkpoint_sha256 != sha256 or signer != job.island_id:
+        if self._signed_by(job) != sha256:
             raise ValueError("it claims an upload the coordinator has not signed")
+
+    def _signed_by(self, job: Job) -> str | None:
+        """The sha256 of the job's expert if this job's island signed it, else None."""
+        expert = self.registry.expert(job.grant.expert_id)
+        if expert.state != "signed" or json.loads(expert.entry_json)["island_id"] != job.island_id:
+            return None
+        return expert.checkpoint_sha256
 
     # -- leases kept alive or ended -------------------------------------------------------------
 
@@ -321,8 +326,11 @@ class FlowerRun:
     # -- the end --------------------------------------------------------------------------------
 
     def _finish(self) -> None:
-        for job in self.out.values():  # the run ends with messages out: their leases go back
-            self._end(job, f"expert {job.grant.expert_id}: the ServerApp run ended before the reply")
+        for job in self.out.values():  # messages still out when the last expert was signed
+            if self._signed_by(job):
+                self.outcome.signed.append(job.grant.expert_id)  # through ddm's port: the reply is moot
+            else:
+                self._end(job, f"expert {job.grant.expert_id}: the ServerApp run ended before the reply")
         self.out.clear()
         self.outcome.open_experts = [e.id for e in self.registry.experts() if e.state != "signed"]
         if self.outcome.open_experts:

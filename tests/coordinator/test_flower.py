@@ -26,13 +26,14 @@ from sklearn.datasets import load_digits  # noqa: E402
 from client import flower_client  # noqa: E402
 from coordinator import flower_server  # noqa: E402
 from coordinator.bootstrap import InitOptions, init_home  # noqa: E402
-from coordinator.home import Home  # noqa: E402
+from coordinator.home import Home, HomeError  # noqa: E402
 from coordinator.keys import SigningKey  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from protocol import ddm_pb2 as pb  # noqa: E402
 from protocol.flower import CHECKPOINT, FILE, FORMAT, RECORD  # noqa: E402
 from protocol.manifest import Manifest  # noqa: E402
+from tests.e2e.conftest import free_port  # noqa: E402
 
 STEPS = 12
 Behaviour = Callable[[Message], "Message | None"]
@@ -47,6 +48,7 @@ class LocalGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.sent: list[tuple[int, int]] = []  # (node id, expert id) of every train message
         self.threads: list[threading.Thread] = []
+        self.answered: list[Message] = []  # every reply, taken or not
         self._lock = threading.Lock()
 
     def set_run(self, run) -> None:
@@ -85,6 +87,7 @@ class LocalGrid(Grid):
         if reply is not None:
             with self._lock:
                 self.replies[message_id] = reply
+                self.answered.append(reply)
 
     def pull_messages(self, message_ids):
         with self._lock:
@@ -142,11 +145,13 @@ def home(tmp_path) -> Home:
     return home
 
 
-def site(tmp_path: Path, k: int, data: Path | None) -> Behaviour:
+def site(tmp_path: Path, k: int, data: Path | None, upload: str | None = None) -> Behaviour:
     """A well-behaved node: the real ClientApp with its own node config."""
     config = {"state-dir": str(tmp_path / f"site-{k}" / "state")}
     if data is not None:
         config["data-dir"] = str(data)
+    if upload is not None:
+        config["upload"] = upload
 
     def behave(message: Message) -> Message:
         context = Context(run_id=1, node_id=k, node_config=config, state=RecordDict(), run_config={})
@@ -168,7 +173,7 @@ def signed_by(home: Home) -> dict[int, str]:
 
 
 def islands_of(home: Home) -> dict[int, str]:
-    return {int(k): v for k, v in json.loads((home.root / flower_server.NODES_FILE).read_text()).items()}
+    return {int(k): v["island"] for k, v in json.loads((home.root / flower_server.NODES_FILE).read_text()).items()}
 
 
 def published_manifest(home: Home) -> dict:
@@ -335,3 +340,63 @@ def test_a_finished_checkpoint_is_answered_again_without_training(home, tmp_path
     again = node(message).content[CHECKPOINT][FILE].data
     assert again == first
     assert out.stat().st_ino == inode  # answered from the outbox: a new training would have replaced the file
+
+
+def answers(grid: LocalGrid) -> list[dict]:
+    return [dict(reply.content.config_records[RECORD]) for reply in grid.answered]
+
+
+@pytest.mark.parametrize("how", ["port", "unreachable", "reply"])
+def test_a_node_uploads_through_ddms_port_when_offered_and_reachable(home, tmp_path, how):
+    """With ``listen`` the ServerApp serves ddm's port (TLS, pinned through the message): a node
+    uploads there and answers with the digest; a node that cannot reach it, or whose operator
+    says upload="reply", answers with the checkpoint."""
+    silos = make_silos(tmp_path, 1)
+    listen = "127.0.0.1:0"
+    address = f"127.0.0.1:{free_port()}" if how == "unreachable" else ""  # nothing listens there
+    node = site(tmp_path, 1, silos[0], upload="reply" if how == "reply" else None)
+    grid = LocalGrid({1: node})
+    outcome = flower_server.run(grid, settings(home, listen=listen, address=address or listen))
+    assert outcome.published is not None and outcome.failed == {}
+    grid.join()  # the last reply may come after the run: its expert was signed through the port
+    replies = answers(grid)
+    assert len(replies) == 2
+    if how == "port":
+        assert all("uploaded" in r and CHECKPOINT not in r for r in replies)
+        assert all(not reply.content.array_records for reply in grid.answered)  # no checkpoint in the reply
+    else:
+        assert all("sha256" in r and "uploaded" not in r for r in replies)
+    island = islands_of(home)[1]
+    registry = Registry(home.database_url(home.load_config()))
+    try:
+        (row,) = [i for i in registry.snapshot()["islands"] if i["id"] == island]
+        # Bytes that came through ddm's port are counted there; the Flower reply's are not.
+        assert row["bytes_received"] > 0  # the upload path took the checkpoint either way
+        assert (row["checkpoint_message_bytes"] > 0) == (how == "port")
+    finally:
+        registry.close()
+
+
+def test_the_app_directory_names_the_installed_apps_and_this_home(home, tmp_path):
+    from coordinator.flower_project import RunSettings, write_app
+
+    path = write_app(tmp_path / "app", RunSettings(home=home.root, expert_timeout_s=60.0))
+    import tomllib
+
+    project = tomllib.loads(path.read_text())
+    components = project["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "coordinator.flower_server:app", "clientapp": "client.flower_client:app"}
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert config["home"] == str(home.root) and config["expert-timeout-s"] == 60.0
+    assert flower_server.RunSettings.from_run_config(config) == RunSettings(home=home.root, expert_timeout_s=60.0)
+    (tmp_path / "app" / "extra.py").write_text("")
+    with pytest.raises(HomeError, match="holds other files"):
+        write_app(tmp_path / "app", RunSettings(home=home.root))
+
+
+def test_a_damaged_node_table_is_one_clear_error_and_changes_nothing(home, tmp_path):
+    table = home.root / flower_server.NODES_FILE
+    table.write_text('{"1": "not an object"}')
+    with pytest.raises(HomeError, match=r"flower-nodes\.json is damaged"):
+        flower_server.run(LocalGrid({}), settings(home))
+    assert table.read_text() == '{"1": "not an object"}'
