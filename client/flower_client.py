@@ -171,12 +171,21 @@ def upload_through_port(message: Message, lease: pb.Lease, state: IslandState, c
         conn.close()
 
 
+def log_to_stderr() -> None:
+    """ddm's own log lines, and nobody else's, at INFO on stderr (which Flower forwards)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 app = ClientApp()
 
 
 @app.train("expert")
 def train_expert(message: Message, context: Context) -> Message:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_to_stderr()
     try:
         settings = NodeSettings.from_node_config(dict(context.node_config))
         lease = received_lease(message)

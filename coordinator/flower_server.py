@@ -365,12 +365,21 @@ def run(grid: Grid, settings: RunSettings) -> Outcome:
     return outcome
 
 
+def log_to_stderr() -> None:
+    """ddm's own log lines, and nobody else's, at INFO on stderr (which Flower forwards)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_to_stderr()
     outcome = run(grid, RunSettings.from_run_config(dict(context.run_config)))
     if outcome.published is not None:
         log.info("published ensemble %d; download it with `ddm-client download`", outcome.published)
