@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load
 
 from tests.flower import require_flower
 
@@ -24,12 +26,16 @@ from flwr.serverapp import Grid  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from client import flower_client  # noqa: E402
+from client.island import expert_job, finished_checkpoint  # noqa: E402
+from client.nodes import run_job  # noqa: E402
+from client.state import IslandState  # noqa: E402
 from coordinator import flower_server  # noqa: E402
 from coordinator.bootstrap import InitOptions, init_home  # noqa: E402
 from coordinator.home import Home, HomeError  # noqa: E402
 from coordinator.keys import SigningKey  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
+from ddm_model.train import TrainStopped  # noqa: E402
 from protocol import ddm_pb2 as pb  # noqa: E402
 from protocol.flower import CHECKPOINT, FILE, FORMAT, RECORD  # noqa: E402
 from protocol.manifest import Manifest  # noqa: E402
@@ -400,3 +406,78 @@ def test_a_damaged_node_table_is_one_clear_error_and_changes_nothing(home, tmp_p
     with pytest.raises(HomeError, match=r"flower-nodes\.json is damaged"):
         flower_server.run(LocalGrid({}), settings(home))
     assert table.read_text() == '{"1": "not an object"}'
+
+
+class StopAt:
+    """A stop flag that is set once training reports ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.reached = False
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        self.reached = self.reached or step >= self.step
+
+    def is_set(self) -> bool:
+        return self.reached
+
+
+def test_a_node_restarted_mid_training_resumes_and_answers_the_same_checkpoint(home, tmp_path, monkeypatch):
+    """The node's training stops halfway (a restart), then the lease comes again: it resumes from
+    its state folder and answers exactly the checkpoint an uninterrupted node trains."""
+    silos = make_silos(tmp_path, 1)
+    coordinator = Coordinator(home)
+    try:
+        token = coordinator.registry.create_invite("island", 60)
+        island, _ = coordinator.registry.redeem_invite(token, "x")
+        lease = coordinator.service.lease_message(coordinator.registry.acquire_lease(island.id))
+    finally:
+        coordinator.stop()
+    message = Message(flower_server.train_message(lease, None), dst_node_id=1, message_type="train.expert")
+
+    settings_ = flower_client.NodeSettings(data_dir=str(silos[0]), state_dir=tmp_path / "restarted")
+    state = IslandState(settings_.state_dir)
+    data = flower_client.node_data(message, lease, state, settings_)
+    out, _ = finished_checkpoint(lease, state, data)
+    stop = StopAt(STEPS // 2)
+    with pytest.raises(TrainStopped):
+        run_job(expert_job(lease, state, data, out), data, on_progress=stop.update, stop=stop)
+    assert any(state.work(lease.expert_id).iterdir()) and not out.exists()  # resume state, no checkpoint
+
+    resumed = site(tmp_path, 1, silos[0])
+    restarted = {"state-dir": str(tmp_path / "restarted"), "data-dir": str(silos[0])}
+    context = Context(run_id=2, node_id=1, node_config=restarted, state=RecordDict(), run_config={})
+    steps = []
+    step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    after_restart = load(flower_client.app(message, context).content[CHECKPOINT][FILE].data)
+    left = len(steps)
+    assert 0 < left < STEPS  # the steps after the saved resume state, not the whole training again
+    uninterrupted = load(resumed(message).content[CHECKPOINT][FILE].data)
+    assert len(steps) == left + STEPS
+    assert after_restart.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(after_restart[name], tensor), name
+
+
+def test_shared_mode_nodes_train_on_the_shard_the_message_carries_and_pass_the_probe(tmp_path):
+    """Shared mode: the coordinator holds the data; each message carries its cluster's shard,
+    checked by the node against the lease's fingerprint, and each reply is scored on the
+    cluster's held-out probe slice before it is signed, as every upload is."""
+    home, _ = init_home(
+        InitOptions(
+            home=tmp_path / "home", experts=2, preset="tiny", steps=60, batch_size=32, router_steps=10,
+            clustering="random",
+        )
+    )  # fmt: skip
+    grid = LocalGrid({1: site(tmp_path, 1, None), 2: site(tmp_path, 2, None)})
+    outcome = flower_server.run(grid, settings(home))
+    assert outcome.published is not None and outcome.failed == {}
+    manifest = published_manifest(home)
+    assert all(entry["probe"]["loss"] < entry["probe"]["untrained_loss"] for entry in manifest.entries)
+    assert all(entry["data_fingerprint"] for entry in manifest.entries)  # trained on the cluster's shard

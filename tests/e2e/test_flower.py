@@ -6,6 +6,8 @@ it and samples it. Siloed mode: no image of a silo ever reaches the coordinator'
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 
 import numpy as np
@@ -17,7 +19,7 @@ from tests.flower import require_flower
 
 require_flower()
 
-from tests.e2e.conftest import free_port  # noqa: E402
+from tests.e2e.conftest import free_port, wait_for  # noqa: E402
 from tests.e2e.flower import Federation  # noqa: E402
 
 STEPS = 30
@@ -116,3 +118,46 @@ def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_sa
         for pattern in fingerprints_of(images):
             assert not any(pattern in blob for blob in blobs)
         assert not any(str(path.parent).encode() in blob for blob in blobs)
+
+
+@pytest.mark.slow
+def test_a_site_that_stops_mid_training_loses_its_expert_to_the_other_site(coordinator, run, tmp_path):
+    """A SuperNode stopped while it trains: once it has been gone for the home's lease time its
+    lease is released, and the site still there trains that expert too."""
+    sites = silos(tmp_path)
+    coord = coordinator(
+        "--mode", "siloed", "--image-size", "8", "--channels", "1", "--experts", "2", "--preset", "tiny",
+        "--steps", "200", "--router-steps", "10", "--router-samples", "64",
+        "--lease-seconds", "4", "--heartbeat-seconds", "1", serve=False,
+    )  # fmt: skip
+    app = tmp_path / "flower-app"
+    made = run("ddm-coordinator", "flower-app", app, "--home", coord.home, "--wait-for-nodes-s", "60")
+    assert made.returncode == 0, made.stderr
+    nodes = [{"data-dir": str(path), "state-dir": str(path.parent.parent / "state"), "threads": 1} for path, _ in sites]
+    with Federation(tmp_path / "flower", nodes) as federation:
+        gone = federation.node_ids[1]
+
+        def stop_a_site_once_both_train() -> None:
+            wait_for(
+                lambda: [r["state"] for r in coord.db("SELECT state FROM experts")] == ["leased"] * 2,
+                120,
+                "both experts to be leased",
+                every=0.2,
+            )
+            federation.kill_node(1, signal.SIGTERM)
+
+        stopper = threading.Thread(target=stop_a_site_once_both_train)
+        stopper.start()
+        result = federation.run(app, {"poll-s": 0.5}, timeout=300)
+        stopper.join()
+    assert "published ensemble" in result.logs, result.logs[-3000:]
+    assert f"flower node {gone} gets no more work in this run" in result.logs
+    status = coord.status()
+    stayed = next(i["id"] for i in status["islands"] if i["name"] != f"flower node {gone}")
+    assert [(e["state"], e["island_id"]) for e in status["experts"]] == [("signed", stayed)] * 2
+    # Whichever the ServerApp sees first: the SuperLink's error reply for a node that stopped
+    # (Flower's "Node Unavailable"), or the node missing from the federation past the lease time.
+    (released,) = [
+        json.loads(row["detail"]) for row in coord.db("SELECT detail FROM events WHERE kind = 'lease_released'")
+    ]
+    assert "Node Unavailable" in released["reason"] or "the node left the federation" in released["reason"]
