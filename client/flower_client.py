@@ -42,6 +42,7 @@ from flwr.clientapp import ClientApp
 from ddm_model.data import DataError, ImageDataset, load_dataset_file
 from ddm_model.errors import DDMError
 from ddm_model.fsutil import atomic_path
+from ddm_model.progress import log_to_stderr
 from protocol import ddm_pb2 as pb
 from protocol.flower import CHECKPOINT, FILE, FORMAT, RAW, RECORD, SHARD, UPLOAD
 from protocol.limits import MAX_REASON_CHARS
@@ -171,21 +172,12 @@ def upload_through_port(message: Message, lease: pb.Lease, state: IslandState, c
         conn.close()
 
 
-def log_to_stderr() -> None:
-    """ddm's own log lines, and nobody else's, at INFO on stderr (which Flower forwards)."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 app = ClientApp()
 
 
 @app.train("expert")
 def train_expert(message: Message, context: Context) -> Message:
-    log_to_stderr()
+    log_to_stderr(log)
     try:
         settings = NodeSettings.from_node_config(dict(context.node_config))
         lease = received_lease(message)

@@ -47,6 +47,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 
 from ddm_model.fsutil import atomic_path
+from ddm_model.progress import log_to_stderr
 from protocol import ddm_pb2 as pb
 from protocol.address import is_loopback, split_address
 from protocol.flower import CHECKPOINT, FILE, FORMAT, MESSAGE_TYPE, RAW, RECORD, SHARD, UPLOAD
@@ -365,21 +366,12 @@ def run(grid: Grid, settings: RunSettings) -> Outcome:
     return outcome
 
 
-def log_to_stderr() -> None:
-    """ddm's own log lines, and nobody else's, at INFO on stderr (which Flower forwards)."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    log_to_stderr()
+    log_to_stderr(log)
     outcome = run(grid, RunSettings.from_run_config(dict(context.run_config)))
     if outcome.published is not None:
         log.info("published ensemble %d; download it with `ddm-client download`", outcome.published)

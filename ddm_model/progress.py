@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -56,3 +57,13 @@ def maybe_progress(progress: Progress | bool) -> Iterator[Progress | None]:
             yield bar
     else:
         yield progress
+
+
+def log_to_stderr(log: logging.Logger) -> None:
+    """``log``'s lines, and nobody else's, at INFO on stderr: for code that runs inside another
+    program's process (a Flower app), whose root logger is not ddm's to configure."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
