@@ -605,7 +605,8 @@ def write_report(args, command: str, info: dict, results: list[dict], total_s: f
         "`ddm-client join --once --threads 1`. "
         "'islands → published' runs from the `flwr run` (or the start of the `join` processes) to the "
         "'published' event in the registry; 'with federation / serve start' from the start of the SuperLink "
-        "(or of `serve`); 'first lease' and 'last signed' are registry events on the first clock. "
+        "(or of `serve`); 'first lease' and 'last signed' are registry events, in seconds after the islands "
+        "started. "
         "Peak RSS is sampled with psutil every 0.1 s. 'Coordinator side' is, for Flower, the SuperLink with all "
         "its descendants (Federation.superlink_peak_rss(): the SuperLink, the SuperExec and the ServerApp "
         "process, which does the coordinator's work; the sum of their RSS at one sample, so shared pages count "
@@ -655,7 +656,8 @@ def write_report(args, command: str, info: dict, results: list[dict], total_s: f
     parts += [f"- {line}" for line in interpretation(results)]
     parts += ["", args.notes or "", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "flower.md").write_text("\n".join(parts).rstrip() + "\n")
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).rstrip() + "\n"  # no run of blank lines
+    (args.out / "flower.md").write_text(text)
 
 
 def main() -> None:
