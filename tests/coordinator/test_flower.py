@@ -31,7 +31,7 @@ from client.nodes import run_job  # noqa: E402
 from client.state import IslandState  # noqa: E402
 from coordinator import flower_server  # noqa: E402
 from coordinator.bootstrap import InitOptions, init_home  # noqa: E402
-from coordinator.home import Home, HomeError  # noqa: E402
+from coordinator.home import Home, HomeBusy, HomeError  # noqa: E402
 from coordinator.keys import SigningKey  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
@@ -481,3 +481,13 @@ def test_shared_mode_nodes_train_on_the_shard_the_message_carries_and_pass_the_p
     manifest = published_manifest(home)
     assert all(entry["probe"]["loss"] < entry["probe"]["untrained_loss"] for entry in manifest.entries)
     assert all(entry["data_fingerprint"] for entry in manifest.entries)  # trained on the cluster's shard
+
+
+def test_a_sqlite_home_served_by_another_process_is_one_clear_error(home):
+    """SQLite: one process works a home at a time, `serve` or a Flower run (PostgreSQL: several)."""
+    holder = Coordinator(home)
+    try:
+        with pytest.raises(HomeBusy, match="is already serving"):
+            flower_server.run(LocalGrid({}), settings(home))
+    finally:
+        holder.stop()
