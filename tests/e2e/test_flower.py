@@ -122,8 +122,9 @@ def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_sa
 
 @pytest.mark.slow
 def test_a_site_that_stops_mid_training_loses_its_expert_to_the_other_site(coordinator, run, tmp_path):
-    """A SuperNode stopped while it trains: once it has been gone for the home's lease time its
-    lease is released, and the site still there trains that expert too."""
+    """A SuperNode stopped while it trains: its lease is released (the SuperLink answers the
+    node's message with Flower's "Node Unavailable", or the ServerApp finds the node gone past
+    the home's lease time), and the site still there trains that expert too."""
     sites = silos(tmp_path)
     coord = coordinator(
         "--mode", "siloed", "--image-size", "8", "--channels", "1", "--experts", "2", "--preset", "tiny",
