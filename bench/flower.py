@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -55,6 +54,7 @@ sys.path.insert(0, str(REPO))  # the checkout this script belongs to, before any
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.machine import describe, version  # noqa: E402
 from tests.e2e.conftest import TLS_LINE, child_env, cli, free_port  # noqa: E402
 from tests.e2e.flower import Federation, FlowerRunError  # noqa: E402
 
@@ -433,27 +433,10 @@ def finish(figures: dict, home: dict, wall_start: float, run_wall: float) -> dic
 
 
 def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
-    return {
-        "cpu": model,
-        "cores": f"{psutil.cpu_count(logical=True)} logical ({psutil.cpu_count(logical=False)} physical)",
-        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-        "os": f"{platform.system()} {platform.release()}",
-        "software": f"Python {platform.python_version()}, torch {version('torch')}, flwr {version('flwr')}, "
-        f"grpcio {version('grpcio')}, psutil {psutil.__version__}",
-    }
+    return describe(
+        f"Python {platform.python_version()}, torch {version('torch')}, flwr {version('flwr')}, "
+        f"grpcio {version('grpcio')}, psutil {psutil.__version__}"
+    )
 
 
 HEADER = [

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
@@ -79,6 +78,7 @@ sys.path.insert(0, str(REPO))  # the checkout this script belongs to, before any
 
 import grpc  # noqa: E402
 
+from bench.machine import describe, version  # noqa: E402
 from protocol import auth, ddm_pb2_grpc  # noqa: E402
 from protocol import ddm_pb2 as pb  # noqa: E402
 from protocol.limits import CHANNEL_OPTIONS  # noqa: E402
@@ -1097,34 +1097,13 @@ def cpu_lines(scenarios: list[dict]) -> list[str]:
 def machine(pg_host: str | None) -> dict:
     import psutil
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
     software = (
         f"Python {platform.python_version()}, torch {version('torch')}, grpcio {grpc.__version__}, "
         f"SQLAlchemy {version('sqlalchemy')}, SQLite {sqlite3.sqlite_version}, psutil {psutil.__version__}"
     )
     if pg_host is not None:
         software += f", PostgreSQL {postgres_version(pg_host)}, psycopg {version('psycopg')}"
-    return {
-        "cpu": model,
-        "cores": f"{psutil.cpu_count(logical=True)} logical ({psutil.cpu_count(logical=False)} physical)",
-        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-        "os": f"{platform.system()} {platform.release()}",
-        "software": software,
-    }
+    return describe(software)
 
 
 def table_md(header: list[str], rows: list[list[str]]) -> str:
