@@ -9,6 +9,7 @@ A downloaded ensemble is a folder:
     router.safetensors
     expert-<cluster>.safetensors
     student.safetensors    the distilled dense model, when the manifest names one
+    autoencoder.safetensors  a latent ensemble's autoencoder, which decodes its samples
 
 The key is pinned by the fingerprint given on the command line, else by the one this state
 folder saw first for this coordinator (trust on first use, with a warning). ``load_verified``
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ddm_model.autoencoder import Autoencoder, AutoencoderError, load_packed, verify_packed
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.ensemble import RoutedEnsemble
 from ddm_model.fsutil import atomic_path
@@ -86,8 +88,11 @@ def download_ensemble(
         conn.close()
     for m in wanted:
         try:
-            verify_checkpoint(out / m.name, expect_kind=m.kind, expect_config=m.config)
-        except CheckpointError as exc:
+            if m.kind == "autoencoder":
+                verify_packed(out / m.name, expect_identity=m.config["identity"])
+            else:
+                verify_checkpoint(out / m.name, expect_kind=m.kind, expect_config=m.config)
+        except (CheckpointError, AutoencoderError) as exc:
             raise TrustError(f"{m.name} is signed but not a valid {m.kind}: {exc}") from None
     for name, data in (
         ("coordinator.pub", signed.coordinator_public_key),
@@ -151,3 +156,15 @@ def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") 
             f"the ensemble in {folder} has no distilled student; run `ddm-coordinator distill` and download again"
         )
     return _load(folder, student[0], device), manifest
+
+
+def load_verified_autoencoder(folder: Path, manifest: Manifest, device: str = "cpu") -> Autoencoder | None:
+    """A latent ensemble's autoencoder, from a folder ``verified_manifest`` accepted, checked
+    against the identity the manifest names (None for a pixel-space ensemble)."""
+    described = manifest.autoencoder
+    if described is None:
+        return None
+    try:
+        return load_packed(folder / "autoencoder.safetensors", expect_identity=described["identity"], device=device)
+    except AutoencoderError as exc:
+        raise TrustError(f"the ensemble's autoencoder cannot be used: {exc}") from None

@@ -95,6 +95,12 @@ def received_lease(message: Message) -> pb.Lease:
 def node_data(message: Message, lease: pb.Lease, state: IslandState, settings: NodeSettings) -> ImageDataset:
     """Siloed: this node's own data, checked against the model. Shared: the cluster's shard the
     message carries, checked against the lease's fingerprint."""
+    if lease.HasField("autoencoder"):
+        raise Unfit(
+            "the node does not train latent experts over Flower",
+            "this coordinator's experts train on latents, which ddm's Flower app does not carry yet:"
+            " join its port with `ddm-client join` instead",
+        )
     if siloed(lease):
         if not settings.data_dir:
             raise Unfit(

@@ -22,6 +22,7 @@ from typing import NoReturn
 import torch
 from rich.console import Console
 
+from ddm_model.autoencoder import Autoencoder
 from ddm_model.checkpoint import read_checkpoint_header
 from ddm_model.data import DataError, ImageDataset, load_dataset, load_dataset_file
 from ddm_model.dit import DiTConfig
@@ -34,6 +35,7 @@ from protocol.shares import COUNTS_KEY
 from protocol.trust import TrustError, is_sha256, key_fingerprint
 
 from .connection import ClientError, Connection
+from .latents import in_model_space, lease_autoencoder
 from .nodes import ExpertJob, check_nproc, launch, run_job, split_error
 from .outbox import settle_outbox, upload_lease
 from .state import Identity, IslandState
@@ -228,9 +230,9 @@ def siloed(lease: pb.Lease) -> bool:
     return lease.WhichOneof("data") is None
 
 
-def load_silo(lease: pb.Lease, path: str | None) -> ImageDataset:
-    """The island's own data, checked against the model's image shape before any training;
-    ``Unfit`` if it cannot serve the lease."""
+def load_silo(lease: pb.Lease, path: str | None, autoencoder: Autoencoder | None = None) -> ImageDataset:
+    """The island's own data, checked against the model's image shape (for a latent lease, the
+    images whose latents fit it) before any training; ``Unfit`` if it cannot serve the lease."""
     if not path:
         raise ClientError("this coordinator runs in siloed mode: pass --data PATH (your own image folder or .npz)")
     model = DiTConfig.from_dict(json.loads(lease.model_config_json))
@@ -238,6 +240,10 @@ def load_silo(lease: pb.Lease, path: str | None) -> ImageDataset:
     data = load_dataset(path, labels=bool(model.num_classes))
     want = (model.in_channels, model.image_size, model.image_size)
     have = (data.channels, data.image_size, data.image_size)
+    if autoencoder is not None:  # grey images are encoded as RGB
+        size = model.image_size * autoencoder.factor
+        want = (autoencoder.in_channels, size, size)
+        have = (autoencoder.in_channels if data.channels == 1 else data.channels, *have[1:])
 
     # The coordinator hears only that the data does not fit, not what it is.
     if have != want:
@@ -268,21 +274,29 @@ def fetch_data(
     local: str | None,
     silo: str | None = None,
     share_counts: bool = False,
+    autoencoder: Autoencoder | None = None,
 ) -> ImageDataset:
     """The lease's cluster: the island's own data (siloed), or a shard or index list verified
     against the fingerprints the coordinator sent (shared). A lease the island cannot serve is
-    given back with its reason."""
+    given back with its reason. ``autoencoder``: a latent lease's (``latents.lease_autoencoder``),
+    whose input the siloed data must fit."""
     try:
-        return _fetch_data(conn, lease, state, local, silo, share_counts)
+        return _fetch_data(conn, lease, state, local, silo, share_counts, autoencoder)
     except Unfit as exc:
         refuse_lease(conn, lease, exc.reason, str(exc))
 
 
 def _fetch_data(
-    conn: Connection, lease: pb.Lease, state: IslandState, local: str | None, silo: str | None, share_counts: bool
+    conn: Connection,
+    lease: pb.Lease,
+    state: IslandState,
+    local: str | None,
+    silo: str | None,
+    share_counts: bool,
+    autoencoder: Autoencoder | None = None,
 ) -> ImageDataset:
     if siloed(lease):
-        return load_silo(lease, silo)
+        return load_silo(lease, silo, autoencoder)
     if silo:
         raise ClientError("--data is for siloed coordinators; this one shares its dataset (drop --data)")
     if share_counts:
@@ -336,12 +350,16 @@ def expert_job(
     threads: int | None = None,
     nproc: int = 1,
     share_counts: bool = False,
+    images: ImageDataset | None = None,
 ) -> ExpertJob:
-    """The lease's expert as a training job, resumable from the state folder's work directory."""
+    """The lease's expert as a training job on ``data``, resumable from the state folder's work
+    directory. For a latent lease ``data`` holds the latents of ``images``, the cluster's own
+    samples, whose fingerprint the checkpoint names."""
     model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
     train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
     train_cfg.device = device
     fingerprint = data.fingerprint()
+    source = fingerprint if images is None else images.fingerprint()
     processes = f", {nproc} processes" if nproc > 1 else ""
     return ExpertJob(
         model=model_cfg,
@@ -351,7 +369,7 @@ def expert_job(
         description=f"expert {lease.expert_id} ({len(data)} imgs{processes})",
         data_fingerprint=fingerprint,
         # A siloed island sends no fingerprint of its data, not even a hash; its counts only if it opts in.
-        export_fingerprint="" if siloed(lease) else fingerprint,
+        export_fingerprint="" if siloed(lease) else source,
         cluster_id=lease.cluster_id,
         metrics={COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if share_counts else None,
         threads=threads or max(1, torch.get_num_threads() // nproc),
@@ -359,10 +377,16 @@ def expert_job(
 
 
 def train_lease(
-    heartbeat: Heartbeat, lease: pb.Lease, state: IslandState, data: ImageDataset, opts: JoinOptions
+    heartbeat: Heartbeat,
+    lease: pb.Lease,
+    state: IslandState,
+    data: ImageDataset,
+    opts: JoinOptions,
+    autoencoder: Autoencoder | None = None,
 ) -> Path:
-    """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N;
-    returns the finished checkpoint in the outbox."""
+    """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N, on
+    ``data`` or, for a latent lease, on its latents under ``autoencoder``; returns the finished
+    checkpoint in the outbox."""
     out, done = finished_checkpoint(lease, state, data)
     if done is not None:
         info, _ = read_checkpoint_header(done)
@@ -370,11 +394,12 @@ def train_lease(
         heartbeat.update(info.steps, info.metrics.get("final_loss", math.nan), 0.0)
         return done
     nproc = opts.nproc_per_node
-    job = expert_job(lease, state, data, out, opts.device, opts.threads, nproc, opts.share_counts)
+    trained_on = in_model_space(data, autoencoder, state)
+    job = expert_job(lease, state, trained_on, out, opts.device, opts.threads, nproc, opts.share_counts, images=data)
     try:
         if nproc == 1:
-            return run_job(job, data, on_progress=heartbeat.update, stop=heartbeat.lost)
-        return launch(job, data, nproc, on_progress=heartbeat.update, stop=heartbeat.lost)
+            return run_job(job, trained_on, on_progress=heartbeat.update, stop=heartbeat.lost)
+        return launch(job, trained_on, nproc, on_progress=heartbeat.update, stop=heartbeat.lost)
     except TrainStopped:
         raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
 
@@ -418,11 +443,12 @@ def run_island(opts: JoinOptions) -> int:
             unsplittable = split_error(TrainConfig.from_dict(json.loads(lease.train_config_json)).batch_size, nproc)
             if unsplittable:
                 refuse_lease(conn, lease, f"the island cannot split the batch over {nproc} processes", unsplittable)
-            data = fetch_data(conn, lease, state, opts.dataset, opts.data, opts.share_counts)
+            autoencoder = lease_autoencoder(conn, lease, state, opts.device)
+            data = fetch_data(conn, lease, state, opts.dataset, opts.data, opts.share_counts, autoencoder)
             heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)
             heartbeat.start()  # beats through training and upload alike
             try:
-                checkpoint = train_lease(heartbeat, lease, state, data, opts)
+                checkpoint = train_lease(heartbeat, lease, state, data, opts, autoencoder)
                 digest = upload_lease(conn, lease, identity, checkpoint, state)
             except LeaseLost as lost:
                 console.print(f"[yellow]{lost}[/yellow]", highlight=False)

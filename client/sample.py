@@ -24,7 +24,7 @@ from ddm_model.grid import save_grid
 from ddm_model.progress import progress_bar
 from ddm_model.recipe import generate
 
-from .ensemble import load_verified, load_verified_student
+from .ensemble import load_verified, load_verified_autoencoder, load_verified_student
 
 GRID_MAX = 100  # the PNG shows at most this many samples
 MODELS = ("ensemble", "student")
@@ -61,7 +61,8 @@ def class_labels(opts: SampleOptions, num_classes: int) -> torch.Tensor | None:
 
 
 def sample_images(folder: Path, trusted: set[str], opts: SampleOptions) -> torch.Tensor:
-    """Samples in [-1, 1] from an ensemble folder signed by one of the trusted keys."""
+    """Samples in [-1, 1] from an ensemble folder signed by one of the trusted keys; a latent
+    ensemble's are decoded by the autoencoder its manifest names."""
     if opts.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {opts.sampler!r}; use one of {', '.join(SAMPLERS)}")
     if opts.model not in MODELS:
@@ -97,6 +98,9 @@ def sample_images(folder: Path, trusted: set[str], opts: SampleOptions) -> torch
             on_batch=lambda b: bar.advance(task, b),
             labels=labels,
         )
+    autoencoder = load_verified_autoencoder(folder, manifest, opts.device)
+    if autoencoder is not None:  # a latent ensemble: the samples are latents
+        images = autoencoder.decode(images)
     return images.clamp(-1.0, 1.0)  # the ODE may overshoot the image range slightly
 
 

@@ -56,6 +56,11 @@ class IslandState:
         return self.root / "shards"
 
     @property
+    def latents(self) -> Path:
+        """A latent home's autoencoders and the latents of this island's data, cached."""
+        return self.root / "latents"
+
+    @property
     def outbox(self) -> Path:
         return self.root / "outbox"
 

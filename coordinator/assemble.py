@@ -47,6 +47,7 @@ from protocol.shares import uniform
 from .faults import fault_point
 from .home import CoordinatorConfig, Home
 from .keys import SigningKey
+from .latents import in_model_space
 from .registry import Registry
 from .store import Store
 
@@ -210,6 +211,7 @@ class Assembler:
             },
             experts=[(e.entry_json, e.signature) for e in signed],
             shares=shares,
+            autoencoder=self.config.autoencoder or None,
         )
         manifest_json, signature = self.key.sign(manifest.data)
         self.registry.publish_ensemble(
@@ -285,7 +287,8 @@ def island_shares(entries: list[dict], num_classes: int) -> dict:
 
 
 def cluster_data(home: Home, config: CoordinatorConfig, clusters: list[int]) -> tuple[ImageDataset, torch.Tensor]:
-    """Shared mode: the samples of the given clusters, labelled by their index in ``clusters``."""
+    """Shared mode: the samples of the given clusters, labelled by their index in ``clusters``, in
+    the experts' space (their latents in a latent home)."""
     dataset = load_dataset(config.dataset, image_size=config.image_size)
     if dataset.fingerprint() != config.dataset_fingerprint:
         raise AssembleError(f"the dataset at {config.dataset} changed since init (fingerprint differs)")
@@ -294,7 +297,7 @@ def cluster_data(home: Home, config: CoordinatorConfig, clusters: list[int]) -> 
     labels = np.concatenate([np.full(len(clustering.members(c)), i) for i, c in enumerate(clusters)])
     order = np.argsort(ids, kind="stable")
     subset = dataset.subset(ids[order], name=f"{dataset.name}[clusters {clusters}]")
-    return subset, torch.from_numpy(labels[order])
+    return in_model_space(home, config, subset), torch.from_numpy(labels[order])
 
 
 def samples_from_experts(

@@ -1,5 +1,7 @@
 """`ddm-coordinator init`: cluster the dataset, hold a probe slice out of each cluster, cut one
 shard per cluster from the rest, make the signing key, the TLS certificate and the registry.
+With --latent, the autoencoder is packed into the store too: the experts' model is sized for
+its latents, and islands encode their shards (or siloed data) with it.
 Everything is built in a temporary folder beside the home and renamed into place at the end, so
 a failed init leaves nothing half made."""
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ddm_model.autoencoder import Autoencoder, pack, read_folder
 from ddm_model.clustering import cluster_dataset
 from ddm_model.data import load_dataset, save_dataset_file
 from ddm_model.dit import DiT, DiTConfig
@@ -56,6 +59,7 @@ class InitOptions:
     probe_margin: float = 0.05
     class_conditional: bool = False  # experts and router conditioned on the class label
     classes: int | None = None  # siloed mode with class_conditional: the class count (no data to read it off)
+    latent: str | None = None  # a local diffusers AutoencoderKL folder: experts train on its latents
 
 
 def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
@@ -93,9 +97,16 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         dataset = load_dataset(opts.dataset, image_size=opts.image_size)
         image_size, channels = dataset.image_size, dataset.channels
     num_classes = class_count(opts, dataset)
-    model = DiTConfig(opts.preset, image_size, channels, num_classes=num_classes)
+    autoencoder = None if opts.latent is None else read_autoencoder(opts.latent, image_size, channels)
+    # The experts' space: the images, or the autoencoder's latents of them.
+    if autoencoder is None:
+        space = (image_size, channels)
+    else:
+        latent_channels, latent_size, _ = autoencoder.latent_shape(image_size)
+        space = (latent_size, latent_channels)
+    model = DiTConfig(opts.preset, *space, num_classes=num_classes)
     router_preset = opts.router_preset or opts.preset
-    router = RouterConfig(router_preset, image_size, channels, opts.experts, num_classes=num_classes)
+    router = RouterConfig(router_preset, *space, opts.experts, num_classes=num_classes)
     share = DEFAULT_ROUTER_SHARE if opts.router_share is None else opts.router_share
     if opts.router_steps is not None and opts.router_share is not None:
         raise HomeError("--router-steps fixes the router's steps; it does not go with --router-share")
@@ -117,6 +128,18 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
             artifacts, clustering = [], {}
         else:
             experts, artifacts, clustering = _cut_shards(opts, dataset, staged, store)
+        described = {}
+        if autoencoder is not None:
+            packed = staged.root / "autoencoder.safetensors"
+            pack(autoencoder, packed)
+            sha, size = store.add_file(packed, move=True)
+            artifacts.append((sha, "autoencoder", size))
+            described = {
+                **autoencoder.describe(),
+                "sha256": sha,
+                "size": size,
+                "image": [channels, image_size, image_size],
+            }
         key = SigningKey.create(staged.key_path)
         write_certificate(staged, list(opts.tls_names))
         quota = (
@@ -142,6 +165,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
             heartbeat_seconds=opts.heartbeat_seconds,
             max_upload_bytes=quota,
             database_url=opts.database_url,
+            autoencoder=described,
         )
         registry = Registry(staged.database_url(config) if not opts.database_url else opts.database_url)
         registry.create()
@@ -157,6 +181,18 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return home, key.fingerprint
+
+
+def read_autoencoder(folder: str, image_size: int, channels: int) -> Autoencoder:
+    """The --latent autoencoder, checked against the images it will encode."""
+    autoencoder = read_folder(folder)
+    if channels not in (1, autoencoder.in_channels):
+        raise HomeError(
+            f"the images have {channels} channels; the autoencoder in {folder} reads {autoencoder.in_channels}"
+            " (or grey images)"
+        )
+    autoencoder.latent_shape(image_size)  # an image size it divides
+    return autoencoder
 
 
 def class_count(opts: InitOptions, dataset) -> int:

@@ -69,6 +69,11 @@ def init(
         help="Shared mode: an upload is refused unless its loss on its cluster's held-out probe slice is"
         " this fraction below an untrained model's.",
     ),
+    latent: Path = typer.Option(
+        None,
+        help="Train the experts in the latent space of the diffusers AutoencoderKL in this local folder"
+        " (config.json + diffusion_pytorch_model.safetensors; nothing is downloaded). Needs ddm[latent].",
+    ),
 ) -> None:
     """Cluster the dataset, hold out a probe slice of each cluster, cut one shard per cluster from
     the rest, create the registry, the signing key and the TLS certificate."""
@@ -105,6 +110,7 @@ def init(
                 database_url=database,
                 tls_names=tuple(tls_name or ()),
                 probe_margin=probe_margin,
+                latent=None if latent is None else str(latent),
             )
         )
     except (DDMError, OSError) as exc:
@@ -112,13 +118,21 @@ def init(
     config = made.load_config()
     if config.mode == "siloed":
         model = config.model
+        images = config.autoencoder.get("image") or [model["in_channels"], model["image_size"], model["image_size"]]
         out.print(
             f"initialised {made.root} in siloed mode: {experts} experts on the islands' own "
-            f"{model['in_channels']}x{model['image_size']}x{model['image_size']} images; the coordinator holds no data"
+            f"{'x'.join(map(str, images))} images; the coordinator holds no data"
         )
     else:
         out.print(
             f"initialised {made.root}: {experts} experts on {dataset}, cluster sizes {config.clustering['sizes']}"
+        )
+    if config.autoencoder:
+        model = config.model
+        out.print(
+            f"  experts train on {model['in_channels']}x{model['image_size']}x{model['image_size']} latents of"
+            f" autoencoder {config.autoencoder['identity'][:16]}",
+            highlight=False,
         )
     print(f"TLS certificate fingerprint: {home_fingerprint(made)}")
     out.print("  islands and downloaders pass it with --tls-fingerprint", highlight=False)

@@ -10,6 +10,7 @@
     HOME/artifacts/<sha256>    content-addressed store: shards, checkpoints, routers
     HOME/staging/<upload id>   uploads in progress
     HOME/work/                 the coordinator's own training state (the router)
+    HOME/work/latents/         latent homes: the dataset's and probe slices' latents, cached
     HOME/damaged/              store files that failed their size or hash check, kept aside
     HOME/serve.lock            held (flock) by the process serving a SQLite home (a PostgreSQL
                                home may be served by several processes)
@@ -23,7 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ddm_model.errors import DDMError
@@ -74,6 +75,10 @@ class CoordinatorConfig:
     stale_upload_seconds: float = 3600.0  # an open upload with no chunk for this long is abandoned
     disk_reserve_bytes: int = 64 * 1024 * 1024  # BeginUpload needs this much free beyond the upload
     database_url: str = ""  # "": SQLite at HOME/ddm.db
+    # Latent homes (`init --latent`): the autoencoder experts train in the space of, as
+    # ddm_model.autoencoder describes it plus the packed file's sha256 and size and the pixel
+    # images' [C, H, W]; {} for a pixel-space home.
+    autoencoder: dict = field(default_factory=dict)
 
     def expert_upload_quota(self) -> int:
         return self.max_expert_upload_bytes or 4 * self.max_upload_bytes

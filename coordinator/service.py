@@ -154,6 +154,9 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             heartbeat_interval_s=max(1, int(self.config.heartbeat_seconds)),
             shard_fingerprint=grant.shard_fingerprint,
         )
+        if self.config.autoencoder:  # a latent home: the island encodes its data with this one
+            described = self.config.autoencoder
+            lease.autoencoder.CopyFrom(pb.Shard(sha256=described["sha256"], size=described["size"]))
         if self.validator.clustering is None:
             pass  # siloed: the island's own data is its cluster; the lease names no data at all
         elif own_copy:

@@ -25,6 +25,7 @@ from protocol.trust import canonical_json, sha256_file
 
 from .bootstrap import lease_train_config
 from .home import CoordinatorConfig, Home, HomeError
+from .latents import in_model_space
 
 log = logging.getLogger("ddm.coordinator")
 # Errors of a bad value: raised while checking what an island sent, they are its fault. Not here:
@@ -56,14 +57,16 @@ class Validator:
         self._probe_lock = threading.Lock()
 
     def _held_out_slice(self, cluster: int) -> ImageDataset | None:
-        """The cluster's probe slice as init stored it (checked against its fingerprint)."""
+        """The cluster's probe slice as init stored it (checked against its fingerprint), in the
+        experts' space (its latents in a latent home)."""
         if self._probe_summary is None:
             return None
         with self._probe_lock:
             if cluster not in self._held_out:
-                self._held_out[cluster] = load_dataset_file(
+                held = load_dataset_file(
                     self.home.probe_path(cluster), expect_fingerprint=self._probe_summary["fingerprints"][cluster]
                 )
+                self._held_out[cluster] = in_model_space(self.home, self.config, held)
             return self._held_out[cluster]
 
     def training_ids(self, cluster: int) -> np.ndarray:

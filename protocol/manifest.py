@@ -3,7 +3,9 @@
 A manifest (signed as a whole, canonical JSON) names the router, every expert (each with its
 own signed entry, checked again when it is read) and, once distilled, the dense student, each
 by sha256, size and model config, and the experts' shares of the data (protocol/shares.py;
-absent in older manifests, which then mean uniform shares).
+absent in older manifests, which then mean uniform shares). A latent ensemble's manifest also
+names its autoencoder (file, size and identity), the one its samples are decoded with; it is a
+home-wide artifact that any enrolled identity may read, so it is not among ``artifacts``.
 
 The coordinator builds one when it assembles an ensemble (``Manifest.build``) and a new version
 of it when it distils a student (``with_student``); its registry, reconciliation and restart
@@ -25,7 +27,7 @@ from .trust import ENTRY_FORMAT, MANIFEST_FORMAT, TrustError, canonical_json, is
 @dataclass
 class Member:
     name: str  # file name in a downloaded ensemble folder
-    kind: str  # "router", "expert" or "student": the checkpoint kind the file must hold
+    kind: str  # "router", "expert", "student" (checkpoint kinds) or "autoencoder"
     sha256: str
     size: int
     config: dict
@@ -49,11 +51,15 @@ class Manifest:
         router: dict,
         experts: list[tuple[bytes, bytes]],
         shares: dict | None,
+        autoencoder: dict | None = None,
     ) -> Manifest:
         """A new ensemble's manifest; ``experts`` holds each signed (entry JSON, signature) in
-        the order of the router's outputs."""
+        the order of the router's outputs; ``autoencoder`` describes a latent ensemble's
+        autoencoder (sha256, size, identity, config, ...)."""
+        latent = {} if autoencoder is None else {"autoencoder": autoencoder}
         return cls(
             {
+                **latent,
                 "format": MANIFEST_FORMAT,
                 "ensemble_id": ensemble_id,
                 "created_at": created_at,
@@ -146,6 +152,12 @@ class Manifest:
         return self.data.get("shares")
 
     @property
+    def autoencoder(self) -> dict | None:
+        """A latent ensemble's autoencoder, which decodes its samples; None in pixel space."""
+        autoencoder = self.data.get("autoencoder")
+        return autoencoder if isinstance(autoencoder, dict) else None
+
+    @property
     def artifacts(self) -> set[str]:
         """Every artifact it names: its router, its experts and any student."""
         student = (self.student or {}).get("sha256")
@@ -181,4 +193,16 @@ def members(manifest: dict, public_key: bytes) -> list[Member]:
         if not is_sha256(str(student.get("sha256", ""))) or not isinstance(student.get("size"), int):
             raise TrustError("the manifest's student entry does not name a file by sha256 and size")
         found.append(Member("student.safetensors", "student", student["sha256"], student["size"], student["config"]))
+    autoencoder = manifest.get("autoencoder")
+    if autoencoder is not None:
+        if (
+            not isinstance(autoencoder, dict)
+            or not is_sha256(str(autoencoder.get("sha256", "")))
+            or not isinstance(autoencoder.get("size"), int)
+            or not is_sha256(str(autoencoder.get("identity", "")))
+        ):
+            raise TrustError("the manifest's autoencoder entry does not name a file by sha256, size and identity")
+        found.append(
+            Member("autoencoder.safetensors", "autoencoder", autoencoder["sha256"], autoencoder["size"], autoencoder)
+        )
     return found

@@ -179,12 +179,15 @@ class Ensembles(Core):
             return s.scalars(select(Ensemble).where(Ensemble.state == "published").order_by(Ensemble.id.desc())).first()
 
     def readable_by(self, island: Island, sha256: str) -> str | None:
-        """Why ``island`` may read an artifact: "published" (any enrolled identity may), "lease"
-        (the shard of the island's active lease), or None."""
+        """Why ``island`` may read an artifact: "published" (any enrolled identity may), "public"
+        (a latent home's autoencoder, which every island encodes with and every reader decodes
+        with), "lease" (the shard of the island's active lease), or None."""
         with self.Session() as s:
             artifact = s.get(Artifact, sha256)
             if artifact is not None and artifact.published:
                 return "published"
+            if artifact is not None and artifact.kind == "autoencoder":
+                return "public"
             lease = s.scalars(select(Lease).where(Lease.island_id == island.id, Lease.state == "active")).first()
             if lease is not None and s.get(Expert, lease.expert_id).shard_sha256 == sha256:
                 return "lease"

@@ -107,7 +107,7 @@ class Upload(Base):
 class Artifact(Base):
     __tablename__ = "artifacts"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # shard, clustering, expert, router, student
+    kind: Mapped[str] = mapped_column(String(16))  # shard, clustering, autoencoder, expert, router, student
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
     published: Mapped[bool] = mapped_column(Boolean, default=False)  # part of a published ensemble
