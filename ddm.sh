@@ -13,8 +13,9 @@
 #   - torch: $TORCH_SPEC when set (e.g. torch==2.13.0+cu128), else the torch already in that
 #     environment, else torch==2.13.0 (the CPU wheel); from $TORCH_INDEX_URL when set (a GPU
 #     build's package index);
-#   - ddm itself, editable, with its test extra and its flower extra (flwr, on Python 3.11 and
-#     newer; on 3.10 pip skips it and the Flower tests say they are skipped).
+#   - ddm itself, editable, with its test extra, its latent extra (diffusers, for latent experts)
+#     and its flower extra (flwr, on Python 3.11 and newer; on 3.10 pip skips it and the Flower
+#     tests say they are skipped).
 set -eu
 
 ROOT=$(cd "$(dirname "$0")" && pwd)
@@ -116,7 +117,7 @@ set_up() {
     pip install --quiet --upgrade pip
     install_torch
     say "installing ddm and its test and flower extras"
-    (cd "$ROOT" && pip install --quiet -e '.[test,flower]')
+    (cd "$ROOT" && pip install --quiet -e '.[test,latent,flower]')
     printf '%s\n' "$WANTED" >"$STAMP"
 }
 

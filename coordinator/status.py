@@ -115,6 +115,16 @@ def build_status(
             "model_preset": config.model["preset"],
             "steps_per_expert": steps,
             "classes": config.model.get("num_classes", 0),
+            # Latent homes: the autoencoder the experts' space belongs to, and that space.
+            "latent": (
+                {
+                    "autoencoder_identity": config.autoencoder["identity"],
+                    "autoencoder_sha256": config.autoencoder["sha256"],
+                    "shape": [config.model["in_channels"], config.model["image_size"], config.model["image_size"]],
+                }
+                if config.autoencoder
+                else None
+            ),
             "router_budget": (
                 f"{config.router_train['steps']} steps, fixed"
                 if fixed
@@ -207,6 +217,10 @@ def render_status(status: dict, console: Console) -> None:
         f"TLS certificate {tls}\n"
         f"{data}; {c['experts']} experts of preset {c['model_preset']}, {c['steps_per_expert']} steps each"
     )
+    latent = c.get("latent")
+    if latent:
+        shape = "x".join(map(str, latent["shape"]))
+        head += f"\nlatent space: {shape} latents of autoencoder {latent['autoencoder_identity'][:16]}…"
     islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
     for col in ("island", "name", "role", "access", "last seen", "checkpoint", "heartbeats", "control"):
         islands.add_column(col)

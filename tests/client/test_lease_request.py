@@ -35,7 +35,7 @@ def test_a_dataset_path_stays_on_the_island(home, digits, tmp_path, monkeypatch)
 
     monkeypatch.setattr(CoordinatorService, "AcquireLease", recording)  # before the server binds its handlers
 
-    def trained(heartbeat, lease, state, data, opts):
+    def trained(heartbeat, lease, state, data, opts, autoencoder=None):
         raise Trained(lease, data)
 
     monkeypatch.setattr(client.island, "train_lease", trained)

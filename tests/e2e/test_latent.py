@@ -1,0 +1,116 @@
+"""Latent experts end to end, with real processes: `init --latent` on a small AutoencoderKL the
+test saves itself, two islands that fetch it and train on their shards' latents, the probe check
+and the router on latents, a manifest that names the autoencoder, `download` that verifies it and
+`sample` that decodes with it; then a distilled student, decoded the same way."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.diffusers_support import require_diffusers
+from tests.e2e.conftest import wait_for
+
+require_diffusers()
+
+from ddm_model.autoencoder import read_folder  # noqa: E402
+from tests.autoencoders import save_small_autoencoder  # noqa: E402
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-1000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_a_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run, tmp_path):
+    folder = save_small_autoencoder(tmp_path / "vae")
+    identity = read_folder(folder).identity
+    coord = coordinator(
+        *("--latent", folder, "--experts", "2", "--preset", "tiny", "--steps", "30"),
+        *("--heartbeat-seconds", "1", "--lease-seconds", "30"),
+    )
+    config = json.loads((coord.home / "config.json").read_text())
+    assert (config["model"]["in_channels"], config["model"]["image_size"]) == (4, 4)  # 8x8 digits, factor 2
+    assert config["autoencoder"]["identity"] == identity and config["autoencoder"]["image"] == [1, 8, 8]
+    assert coord.status()["coordinator"]["latent"]["shape"] == [4, 4, 4]
+
+    islands = [
+        spawn(
+            "ddm-client",
+            "join",
+            *coord.connect_args,
+            *("--token", coord.invite(), "--state-dir", tmp_path / f"island-{k}", "--once", "--threads", "1"),
+            label=f"island-{k}",
+        )
+        for k in range(2)
+    ]
+    for island in islands:
+        assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
+    wait_for(lambda: coord.status()["ensemble"]["state"] == "published", 180, "the ensemble to be published")
+    for k in range(2):  # each island keeps the autoencoder it fetched and its shard's latents
+        cached = sorted(p.name for p in (tmp_path / f"island-{k}" / "latents").iterdir())
+        assert cached[0] == f"autoencoder-{config['autoencoder']['sha256']}.safetensors"
+        assert cached[1].startswith("latents-") and len(cached) == 2
+
+    ensemble, reader = tmp_path / "ensemble", tmp_path / "reader"
+    reader_token = coord.invite("reader")
+
+    def download():
+        return run(
+            "ddm-client",
+            "download",
+            *coord.connect_args,
+            *("--out", ensemble, "--fingerprint", coord.fingerprint),
+            *("--token", reader_token, "--state-dir", reader),
+        )
+
+    got = download()
+    assert got.returncode == 0, got.stderr[-2000:]
+    manifest = json.loads((ensemble / "manifest.json").read_text())
+    assert manifest["autoencoder"]["identity"] == identity
+    assert manifest["autoencoder"]["sha256"] == config["autoencoder"]["sha256"]
+    assert manifest["router"]["config"]["in_channels"] == 4
+    for item in manifest["experts"]:  # the probe check ran on the probe slices' latents
+        entry = item["entry"]
+        assert entry["config"]["in_channels"] == 4 and entry["config"]["image_size"] == 4
+        assert entry["probe"]["loss"] <= 0.95 * entry["probe"]["untrained_loss"]
+    assert (ensemble / "autoencoder.safetensors").is_file()
+
+    def sample(*args):
+        return run("ddm-client", "sample", ensemble, "--state-dir", reader, "--out", tmp_path / "s.png", *args)
+
+    for model in ("ensemble", "student"):
+        if model == "student":
+            distilled = run("ddm-coordinator", "distill", "--home", coord.home, "--steps", "20")
+            assert distilled.returncode == 0, distilled.stderr[-2000:]
+            assert download().returncode == 0
+        npz = tmp_path / f"{model}.npz"
+        drawn = sample("--n", "6", "--model", model, "--npz", npz)
+        assert drawn.returncode == 0, drawn.stderr[-2000:]
+        with np.load(npz) as saved:  # decoded: 8x8 RGB images, not 4x4x4 latents
+            images = saved["images"]
+        assert images.shape == (6, 3, 8, 8) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
+        assert images.std() > 0
+
+    # An autoencoder swapped in the downloaded folder is refused before anything is decoded.
+    other = tmp_path / "other.safetensors"
+    from ddm_model.autoencoder import pack
+
+    pack(read_folder(save_small_autoencoder(tmp_path / "other-vae", seed=1)), other)
+    (ensemble / "autoencoder.safetensors").write_bytes(other.read_bytes())
+    one_line_error(sample("--n", "2"), "does not match the signed manifest")
+
+
+@pytest.mark.slow
+def test_latent_init_refuses_a_missing_or_unfit_autoencoder(run, tmp_path):
+    home = tmp_path / "home"
+    result = run("ddm-coordinator", "init", "--home", home, "--latent", tmp_path / "absent", "--preset", "tiny")
+    one_line_error(result, "no autoencoder at", "nothing is downloaded")
+    assert not home.exists()
+    folder = save_small_autoencoder(tmp_path / "vae", levels=3)  # downsamples by 4
+    result = run("ddm-coordinator", "init", "--home", home, "--latent", folder, "--image-size", "10")
+    one_line_error(result, "10x10 images do not fit this autoencoder", "multiple of 4")
+    assert not home.exists()
