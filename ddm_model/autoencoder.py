@@ -33,7 +33,7 @@ from .tensorfile import read_tensor_file, write_tensor_file
 
 AUTOENCODER_FORMAT = "ddm.autoencoder/1"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-ENCODE_BATCH = 64
+ENCODE_BATCH = 16  # images per encoder or decoder call: SD's VAE at 256 px needs a few GiB for 16
 MAX_CONFIG_BYTES = 64 * 1024
 
 

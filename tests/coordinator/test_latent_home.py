@@ -20,7 +20,7 @@ from coordinator.bootstrap import InitOptions, init_home  # noqa: E402
 from coordinator.clock import ManualClock  # noqa: E402
 from coordinator.home import Home, HomeError  # noqa: E402
 from coordinator.server import CoordinatorServer  # noqa: E402
-from ddm_model.autoencoder import read_folder  # noqa: E402
+from ddm_model.autoencoder import AutoencoderError, read_folder  # noqa: E402
 from protocol import ddm_pb2 as pb  # noqa: E402
 from tests.autoencoders import save_small_autoencoder  # noqa: E402
 
@@ -83,3 +83,11 @@ def test_an_rgb_autoencoder_refuses_images_of_other_channels(vae, tmp_path):
         init_home(opts)
     assert not (tmp_path / "home").exists()
     assert json.loads((vae / "config.json").read_text())["in_channels"] == 3
+
+
+def test_images_the_autoencoder_cannot_downsample_are_refused(tmp_path):
+    folder = save_small_autoencoder(tmp_path / "vae", levels=3)  # downsamples by 4
+    opts = InitOptions(home=tmp_path / "home", image_size=10, experts=2, latent=str(folder))
+    with pytest.raises(AutoencoderError, match=r"10x10 images do not fit this autoencoder.*multiple of 4"):
+        init_home(opts)
+    assert not (tmp_path / "home").exists()

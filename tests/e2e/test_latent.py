@@ -105,12 +105,8 @@ def test_a_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run,
 
 
 @pytest.mark.slow
-def test_latent_init_refuses_a_missing_or_unfit_autoencoder(run, tmp_path):
+def test_latent_init_refuses_a_missing_autoencoder_in_one_line(run, tmp_path):
     home = tmp_path / "home"
     result = run("ddm-coordinator", "init", "--home", home, "--latent", tmp_path / "absent", "--preset", "tiny")
     one_line_error(result, "no autoencoder at", "nothing is downloaded")
-    assert not home.exists()
-    folder = save_small_autoencoder(tmp_path / "vae", levels=3)  # downsamples by 4
-    result = run("ddm-coordinator", "init", "--home", home, "--latent", folder, "--image-size", "10")
-    one_line_error(result, "10x10 images do not fit this autoencoder", "multiple of 4")
     assert not home.exists()
