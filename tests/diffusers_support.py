@@ -1,8 +1,8 @@
-"""diffusers for the tests that measure ddm against it (bench/train_speed.py): it is no
-dependency of ddm, only a yardstick, installed beside the bench's requirements.
+"""diffusers for the tests of latent experts and the speed bench: it comes with the ``latent``
+(and ``bench``) extra, which ./ddm.sh test installs.
 
 Where it is missing those tests are skipped, saying how to install it; with
-``DDM_REQUIRE_DIFFUSERS=1`` they fail instead, so that nothing is hidden where it should be there.
+``DDM_REQUIRE_DIFFUSERS=1`` (CI sets it) they fail instead, so that nothing is hidden there.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ REQUIRED = "DDM_REQUIRE_DIFFUSERS"
 
 
 def require_diffusers() -> None:
-    """Call at the top of a test module, before anything imports diffusers."""
+    """Call at the top of a test module, before importing diffusers."""
     if importlib.util.find_spec("diffusers") is not None:
         return
-    why = "diffusers is not installed; the training-speed bench compares against it: pip install diffusers"
+    why = "diffusers is not installed; these tests need the latent extra: pip install -e '.[test,latent]'"
     if os.environ.get(REQUIRED):
         pytest.fail(f"{REQUIRED} is set but {why}", pytrace=False)
     pytest.skip(why, allow_module_level=True)
