@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import UsageError
 from .flow import Velocity, call_velocity, guided, integrate
@@ -190,11 +189,30 @@ class RoutedEnsemble:
         return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
     def with_experts(self, choice: torch.Tensor) -> Velocity:
-        """The velocity of each row's own expert, ``choice[i]`` for row i, dispatched sparsely."""
-        weights = F.one_hot(choice.long(), len(self.experts))
+        """The velocity of each row's own expert, ``choice[i]`` for row i, dispatched sparsely.
+
+        The choice is fixed for the whole trajectory, so each expert's rows are found once, not
+        at every step (on a GPU, finding them waits for the device); an expert that holds every
+        row runs on the batch itself, without a gather or a scatter."""
+        choice = choice.long().cpu()
+        groups = [(k, rows) for k in range(len(self.experts)) if (rows := (choice == k).nonzero().squeeze(1)).numel()]
+        on_device: dict[torch.device, list[torch.Tensor]] = {}
 
         def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            return mix(self.experts, x, t, weights.to(device=x.device, dtype=x.dtype), y, self.expert_rows)
+            if x.shape[0] != choice.shape[0]:
+                raise UsageError(f"{choice.shape[0]} experts drawn for a batch of {x.shape[0]}")
+            if x.device not in on_device:
+                on_device[x.device] = [rows.to(x.device) for _, rows in groups]
+            if len(groups) == 1:
+                k = groups[0][0]
+                self.expert_rows[k] += x.shape[0]
+                return call_velocity(self.experts[k], x, t, y)
+            out = torch.empty_like(x)
+            for (k, _), rows in zip(groups, on_device[x.device], strict=True):
+                self.expert_rows[k] += rows.numel()
+                v = call_velocity(self.experts[k], x[rows], t[rows], None if y is None else y[rows])
+                out[rows] = v.to(out.dtype)
+            return out
 
         return velocity
 

@@ -235,6 +235,26 @@ def test_ancestral_needs_no_router_but_per_step_routings_do():
     assert out.shape == (8, 2)
 
 
+def test_each_row_follows_its_drawn_expert_exactly_and_each_expert_runs_once_per_step():
+    mix = default_mixture()
+    ensemble = RoutedEnsemble(mix.experts(), None)
+    x, t = points(64)
+    calls = []
+    experts = [lambda x, t, k=k, e=e: calls.append(k) or e(x, t) for k, e in enumerate(ensemble.experts)]
+    ensemble.experts = experts
+    choice = torch.tensor([0, 2, 2, 1, 3, 0, 1, 2] * 8)
+    velocity = ensemble.with_experts(choice)
+    got = velocity(x, t)
+    want = torch.stack([mix.component_velocity(int(k), x[i : i + 1], t[i : i + 1])[0] for i, k in enumerate(choice)])
+    assert torch.equal(got, want)
+    assert sorted(calls) == [0, 1, 2, 3] and ensemble.expert_rows == [16, 16, 24, 8]
+    calls.clear()
+    alone = ensemble.with_experts(torch.full((64,), 3))  # one expert holds every row: the batch itself
+    assert torch.equal(alone(x, t), mix.component_velocity(3, x, t)) and calls == [3]
+    with pytest.raises(Exception, match="8 experts drawn for a batch of 64"):
+        ensemble.with_experts(choice[:8])(x, t)
+
+
 @pytest.mark.parametrize("bad", [[1, -1, 0, 0], [0, 0, 0, 0], [1, float("nan"), 1, 1], [1, 2, 3]])
 def test_bad_shares_are_refused(bad):
     mix = default_mixture()
