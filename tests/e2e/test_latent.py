@@ -1,13 +1,20 @@
-"""Latent experts end to end, with real processes: `init --latent` on a small AutoencoderKL the
-test saves itself, two islands that fetch it and train on their shards' latents, the probe check
-and the router on latents, a manifest that names the autoencoder, `download` that verifies it and
-`sample` that decodes with it; then a distilled student, decoded the same way."""
+"""Latent experts end to end, with real processes, class-conditional: `init --latent
+--class-conditional` on a small AutoencoderKL the test saves itself, two islands that fetch it
+and train on their shards' latents, the probe check and the router on latents, the router's
+FLOPs-share budget, the clusters' class shares in the signed manifest, a manifest that names the
+autoencoder, `download` that verifies it and `sample --class N --cfg S` that decodes with it;
+then a distilled student, decoded the same way. (Class conditioning acts the same in pixel and
+latent space, so this run stands for both.)"""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
+from ddm_model.clustering import Clustering
+from ddm_model.data import load_digits
+from ddm_model.router import DEFAULT_ROUTER_SHARE, router_steps_for
 from tests.diffusers_support import require_diffusers
 from tests.e2e.conftest import wait_for
 
@@ -25,11 +32,11 @@ def one_line_error(result, *words):
 
 
 @pytest.mark.slow
-def test_a_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run, tmp_path):
+def test_a_class_conditional_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run, tmp_path):
     folder = save_small_autoencoder(tmp_path / "vae")
     identity = read_folder(folder).identity
     coord = coordinator(
-        *("--latent", folder, "--experts", "2", "--preset", "tiny", "--steps", "30"),
+        *("--latent", folder, "--experts", "2", "--preset", "tiny", "--steps", "30", "--class-conditional"),
         *("--heartbeat-seconds", "1", "--lease-seconds", "30"),
     )
     config = json.loads((coord.home / "config.json").read_text())
@@ -72,12 +79,35 @@ def test_a_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run,
     manifest = json.loads((ensemble / "manifest.json").read_text())
     assert manifest["autoencoder"]["identity"] == identity
     assert manifest["autoencoder"]["sha256"] == config["autoencoder"]["sha256"]
-    assert manifest["router"]["config"]["in_channels"] == 4
-    for item in manifest["experts"]:  # the probe check ran on the probe slices' latents
+    router = manifest["router"]
+    assert router["config"]["in_channels"] == 4
+    assert router["config"]["num_classes"] == 10 and router["config"]["preset"] == "tiny"  # the experts' preset
+    for item in manifest["experts"]:  # the probe check ran on the probe slices' latents, with the null label
         entry = item["entry"]
         assert entry["config"]["in_channels"] == 4 and entry["config"]["image_size"] == 4
+        assert entry["config"]["num_classes"] == 10
         assert entry["probe"]["loss"] <= 0.95 * entry["probe"]["untrained_loss"]
     assert (ensemble / "autoencoder.safetensors").is_file()
+
+    # The router's steps cost the default share of the signed experts' training FLOPs.
+    budget = router["budget"]
+    expert_flops = sum(item["entry"]["flops"] for item in manifest["experts"])
+    assert budget["rule"] == "share" and budget["share"] == DEFAULT_ROUTER_SHARE
+    assert budget["expert_flops"] == expert_flops and budget["step_flops"] > 0
+    assert router["steps"] == router_steps_for(DEFAULT_ROUTER_SHARE, expert_flops, budget["step_flops"])
+    assert router["flops"] == router["steps"] * budget["step_flops"]
+    status = coord.status()["router"]
+    assert status["step"] == status["steps"] == router["steps"]
+
+    # The shares are the clusters' sizes and their digits' classes, in the manifest's order.
+    clustering = Clustering.load(coord.home / "clustering.safetensors")
+    digits = load_digits()
+    shares = manifest["shares"]
+    assert shares["source"] == "clusters"
+    assert shares["clusters"] == [int(clustering.sizes[c]) for c in router["clusters"]]
+    for c, row in zip(router["clusters"], shares["classes"], strict=True):
+        labels = digits.labels[digits.positions(clustering.members(c))]
+        assert row == torch.bincount(labels, minlength=10).tolist()
 
     def sample(*args):
         return run("ddm-client", "sample", ensemble, "--state-dir", reader, "--out", tmp_path / "s.png", *args)
@@ -88,12 +118,16 @@ def test_a_latent_ensemble_trains_publishes_and_decodes(coordinator, spawn, run,
             assert distilled.returncode == 0, distilled.stderr[-2000:]
             assert download().returncode == 0
         npz = tmp_path / f"{model}.npz"
-        drawn = sample("--n", "6", "--model", model, "--npz", npz)
+        drawn = sample("--n", "6", "--model", model, "--class", "3", "--cfg", "2", "--npz", npz)
         assert drawn.returncode == 0, drawn.stderr[-2000:]
         with np.load(npz) as saved:  # decoded: 8x8 RGB images, not 4x4x4 latents
             images = saved["images"]
         assert images.shape == (6, 3, 8, 8) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
         assert images.std() > 0
+    routed = sample("--n", "4", "--class", "3", "--routing", "top2")  # the router sees the class too
+    assert routed.returncode == 0, routed.stderr[-2000:]
+    one_line_error(sample("--class", "10"), "--class 10 is out of range", "0 to 9")
+    one_line_error(sample("--cfg", "2"), "give --class")
 
     # An autoencoder swapped in the downloaded folder is refused before anything is decoded.
     other = tmp_path / "other.safetensors"
