@@ -337,6 +337,11 @@ def flower_app(
         h = _home(home)
         if not h.exists():
             raise HomeError(f"{h.root} is not a coordinator home; run `ddm-coordinator init` first")
+        if h.load_config().autoencoder:
+            raise HomeError(
+                f"{h.root} trains latent experts, which ddm's Flower app does not carry yet;"
+                " serve it with `ddm-coordinator serve` and let islands `ddm-client join`"
+            )
         settings = RunSettings(
             home=h.root.resolve(),
             expert_timeout_s=expert_timeout_s,

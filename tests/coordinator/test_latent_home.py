@@ -91,3 +91,16 @@ def test_images_the_autoencoder_cannot_downsample_are_refused(tmp_path):
     with pytest.raises(AutoencoderError, match=r"10x10 images do not fit this autoencoder.*multiple of 4"):
         init_home(opts)
     assert not (tmp_path / "home").exists()
+
+
+def test_the_flower_app_refuses_a_latent_home_in_one_line(vae, tmp_path):
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    home, _ = init_home(
+        InitOptions(home=tmp_path / "home", mode="siloed", image_size=8, channels=1, experts=2, latent=str(vae))
+    )
+    result = CliRunner().invoke(app, ["flower-app", str(tmp_path / "app"), "--home", str(home.root)])
+    assert result.exit_code == 2 and "trains latent experts" in result.output
+    assert not (tmp_path / "app").exists()
