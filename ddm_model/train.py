@@ -1,12 +1,12 @@
 """The training loop: one expert on one cluster, the router on all clusters, or a monolith.
 
 One loop serves all three; only the objective differs. It gives AdamW with linear warmup,
-gradient clipping, an EMA of the weights, bf16 autocast and optional torch.compile on CUDA,
-a step budget, a measured FLOP count per step, a rich progress bar with loss and throughput,
-and periodic local resume files from which a killed run continues bit-for-bit (model, EMA,
-optimizer, step and RNG state). Given a ``distributed.World`` it runs as one of several
-processes that split each batch between them and make the single-process update
-(``distributed`` says how).
+gradient clipping, an EMA of the weights, bf16 autocast (on CUDA, or on the CPU if asked),
+TF32 and torch.compile on CUDA if asked, a step budget, a measured FLOP count per step, a rich
+progress bar with loss and throughput, and periodic local resume files from which a killed run
+continues bit-for-bit (model, EMA, optimizer, step and RNG state). Given a
+``distributed.World`` it runs as one of several processes that split each batch between them
+and make the single-process update (``distributed`` says how).
 
 An expert's loop sees only the ``ImageDataset`` it is given; ``train_expert`` is meant to be
 called with one cluster's subset, which holds copies of that cluster's samples and nothing else.
@@ -14,11 +14,12 @@ called with one cluster's subset, which holds copies of that cluster's samples a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .progress import maybe_progress
 from .router import Router, RouterConfig, router_loss
 
 RESUME_FILE = "resume.pt"
+FLOP_ROWS = 8  # samples a step's FLOPs are counted on (_measure_step_flops)
 
 
 class TrainError(DDMError, RuntimeError):
@@ -84,7 +86,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "cpu"
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16 autocast, CUDA only unless cpu_amp
+    cpu_amp: bool = False  # bf16 autocast on the CPU too (with amp): fast where the CPU has bf16 units
+    tf32: bool = False  # TF32 for float32 matrix products, CUDA only (cuDNN convolutions use it by default)
     compile: bool = False  # torch.compile, CUDA only
     checkpoint_every: int = 500
     log_every: int = 10
@@ -138,7 +142,7 @@ class TrainConfig:
         """Settings that must not change across a resume. The step budget may grow, and the
         device may change (a resume on another device continues the run, though not bit for
         bit: its random stream restarts from the seed and the step)."""
-        skip = {"steps", "checkpoint_every", "log_every", "device", "amp", "compile"}
+        skip = {"steps", "checkpoint_every", "log_every", "device", "amp", "cpu_amp", "tf32", "compile"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -215,6 +219,7 @@ def fit(
     if world is not None and device != world.device:
         raise TrainError(f"{run.description}: this process trains on {world.device}, not {device}")
     cuda = device.type == "cuda"
+    autocast = cfg.amp and (cuda or (cfg.cpu_amp and device.type == "cpu"))
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     images = images.to(device)
@@ -298,7 +303,7 @@ def fit(
 
     start_step, started = step, time.perf_counter()
     window_steps, window_start = 0, time.perf_counter()
-    with maybe_progress(run.progress) as bar:
+    with maybe_progress(run.progress) as bar, tf32_matmuls(cfg.tf32 and cuda):
         resumed = f"resumed at step {step}" if step else ""
         task = bar.add_task(run.description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
@@ -310,17 +315,15 @@ def fit(
             y = None if targets is None else targets[index]
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = objective(forward, x, y, generator, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            with torch.no_grad():
-                decay = _ema_decay_at(cfg, step)
-                for e, p in zip(ema_params, params, strict=True):
-                    e.lerp_(p, 1.0 - decay)
+            with torch.no_grad():  # one multi-tensor kernel on CUDA, not one launch per parameter
+                torch._foreach_lerp_(ema_params, params, 1.0 - _ema_decay_at(cfg, step))
             step += 1
             loss = loss.detach() if world is None else world.mean(loss)
             window_loss += loss
@@ -354,17 +357,45 @@ def fit(
     )
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 for float32 matrix products on CUDA while the block runs (the process-wide setting
+    is restored after it)."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _measure_step_flops(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, objective: Objective, batch_size: int
 ) -> int:
-    """FLOPs of one real forward + backward on a full batch, drawn from a throwaway generator
-    so that the run's own random stream is untouched."""
-    generator = torch.Generator(device=images.device).manual_seed(0)
-    index = torch.randint(0, images.shape[0], (batch_size,), generator=generator, device=images.device)
-    y = None if targets is None else targets[index]
-    flops = count_flops(lambda: objective(model, images[index], y, generator, ALL_ROWS).backward())
-    model.zero_grad(set_to_none=True)
-    return flops
+    """FLOPs of one real forward + backward on a batch, drawn from a throwaway generator so that
+    the run's own random stream is untouched.
+
+    Every op of these models works on each sample apart, so the count is exactly linear in the
+    batch: it is taken on FLOP_ROWS samples and scaled, which spares a large model on a GPU a
+    full-batch float32 pass that could need more memory than its bf16 training. A count that
+    does not divide evenly is taken on the whole batch."""
+
+    def count(rows: int) -> int:
+        generator = torch.Generator(device=images.device).manual_seed(0)
+        index = torch.randint(0, images.shape[0], (rows,), generator=generator, device=images.device)
+        y = None if targets is None else targets[index]
+        flops = count_flops(lambda: objective(model, images[index], y, generator, ALL_ROWS).backward())
+        model.zero_grad(set_to_none=True)
+        return flops
+
+    rows = min(batch_size, FLOP_ROWS)
+    flops = count(rows)
+    if rows == batch_size:
+        return flops
+    return flops // rows * batch_size if flops % rows == 0 else count(batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from PIL import Image
 from ddm_model.checkpoint import load_checkpoint
 from protocol.trust import sha256_file
 
-QUICK = ["--experts", "2", "--preset", "tiny", "--steps", "30", "--router-steps", "30", "--samples", "200", "--sampling-steps", "8"]
+QUICK = ["--experts", "2", "--preset", "tiny", "--steps", "30", "--router-steps", "30"]
+QUICK += ["--samples", "200", "--sampling-steps", "8"]
 
 
 def manifest_key(out) -> str:
