@@ -222,6 +222,17 @@ class Coordinator:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
+    def wait_published(self, timeout: float) -> None:
+        """Wait for an assembly to publish (read from the registry: a `status` process at every
+        poll would take CPU from the router training it waits for); fail if it failed."""
+        done = wait_for(
+            lambda: self.db("SELECT state, reason FROM ensembles WHERE state IN ('published', 'failed')"),
+            timeout,
+            "the ensemble to be published",
+            every=0.2,
+        )
+        assert done[0]["state"] == "published", (done, self.log()[-3000:])
+
     def db(self, sql: str, *params) -> list[dict]:
         """Rows of the registry, read straight from its SQLite file, read-only."""
         con = sqlite3.connect(f"file:{self.home / 'ddm.db'}?mode=ro", uri=True, timeout=30)

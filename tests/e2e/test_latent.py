@@ -16,12 +16,20 @@ from ddm_model.clustering import Clustering
 from ddm_model.data import load_digits
 from ddm_model.router import DEFAULT_ROUTER_SHARE, router_steps_for
 from tests.diffusers_support import require_diffusers
-from tests.e2e.conftest import wait_for
 
 require_diffusers()
 
+from client.sample import SampleOptions, sample_images  # noqa: E402
 from ddm_model.autoencoder import read_folder  # noqa: E402
+from ddm_model.errors import UsageError  # noqa: E402
 from tests.autoencoders import save_small_autoencoder  # noqa: E402
+
+
+def decoded(images, n: int) -> None:
+    """Samples decoded by the autoencoder: n 8x8 RGB images in [-1, 1], not 4x4x4 latents."""
+    images = np.asarray(images)
+    assert images.shape == (n, 3, 8, 8) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
+    assert images.std() > 0
 
 
 def one_line_error(result, *words):
@@ -56,7 +64,7 @@ def test_a_class_conditional_latent_ensemble_trains_publishes_and_decodes(coordi
     ]
     for island in islands:
         assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
-    wait_for(lambda: coord.status()["ensemble"]["state"] == "published", 180, "the ensemble to be published")
+    coord.wait_published(180)
     for k in range(2):  # each island keeps the autoencoder it fetched and its shard's latents
         cached = sorted(p.name for p in (tmp_path / f"island-{k}" / "latents").iterdir())
         assert cached[0] == f"autoencoder-{config['autoencoder']['sha256']}.safetensors"
@@ -112,22 +120,25 @@ def test_a_class_conditional_latent_ensemble_trains_publishes_and_decodes(coordi
     def sample(*args):
         return run("ddm-client", "sample", ensemble, "--state-dir", reader, "--out", tmp_path / "s.png", *args)
 
-    for model in ("ensemble", "student"):
-        if model == "student":
-            distilled = run("ddm-coordinator", "distill", "--home", coord.home, "--steps", "20")
-            assert distilled.returncode == 0, distilled.stderr[-2000:]
-            assert download().returncode == 0
-        npz = tmp_path / f"{model}.npz"
-        drawn = sample("--n", "6", "--model", model, "--class", "3", "--cfg", "2", "--npz", npz)
-        assert drawn.returncode == 0, drawn.stderr[-2000:]
-        with np.load(npz) as saved:  # decoded: 8x8 RGB images, not 4x4x4 latents
-            images = saved["images"]
-        assert images.shape == (6, 3, 8, 8) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
-        assert images.std() > 0
-    routed = sample("--n", "4", "--class", "3", "--routing", "top2")  # the router sees the class too
-    assert routed.returncode == 0, routed.stderr[-2000:]
-    one_line_error(sample("--class", "10"), "--class 10 is out of range", "0 to 9")
-    one_line_error(sample("--cfg", "2"), "give --class")
+    npz = tmp_path / "ensemble.npz"
+    drawn = sample("--n", "6", "--class", "3", "--cfg", "2", "--npz", npz)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    with np.load(npz) as saved:  # decoded: 8x8 RGB images, not 4x4x4 latents
+        decoded(saved["images"], 6)
+
+    # The same sampling in this process (each `sample` process pays diffusers' import): the
+    # class's bounds, per-step routing, where the router sees the class too, and the student.
+    trusted = {coord.fingerprint}
+    with pytest.raises(UsageError, match="--class 10 is out of range: this model has classes 0 to 9"):
+        sample_images(ensemble, trusted, SampleOptions(n=2, class_label=10))
+    with pytest.raises(UsageError, match="give --class N too"):
+        sample_images(ensemble, trusted, SampleOptions(n=2, cfg=2.0))
+    decoded(sample_images(ensemble, trusted, SampleOptions(n=4, routing="top2", class_label=3)), 4)
+    distilled = run("ddm-coordinator", "distill", "--home", coord.home, "--steps", "20")
+    assert distilled.returncode == 0, distilled.stderr[-2000:]
+    assert download().returncode == 0
+    assert json.loads((ensemble / "manifest.json").read_text())["student"]["config"]["in_channels"] == 4
+    decoded(sample_images(ensemble, trusted, SampleOptions(n=6, model="student", class_label=3, cfg=2.0)), 6)
 
     # An autoencoder swapped in the downloaded folder is refused before anything is decoded.
     other = tmp_path / "other.safetensors"

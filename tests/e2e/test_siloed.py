@@ -12,7 +12,6 @@ from sklearn.datasets import load_digits
 
 from coordinator.distill import DistillError, DistillOptions, distill
 from coordinator.home import Home
-from tests.e2e.conftest import wait_for
 
 SILOS = 3
 STEPS = 30
@@ -93,7 +92,7 @@ def test_siloed_islands_build_an_ensemble_without_their_data_leaving(coordinator
     for island in islands:
         assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
         assert "signed by the coordinator" in island.stderr()
-    wait_for(lambda: coord.status()["ensemble"]["state"] == "published", 180, "the ensemble to be published")
+    coord.wait_published(180)
 
     status = coord.status()
     assert status["coordinator"]["mode"] == "siloed" and status["coordinator"]["dataset"] == ""
