@@ -7,19 +7,12 @@ Where it is missing those tests are skipped, saying how to install it; with
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-import pytest
+from tests.helpers import require_module
 
 REQUIRED = "DDM_REQUIRE_DIFFUSERS"
 
 
 def require_diffusers() -> None:
     """Call at the top of a test module, before importing diffusers."""
-    if importlib.util.find_spec("diffusers") is not None:
-        return
     why = "diffusers is not installed; these tests need the latent extra: pip install -e '.[test,latent]'"
-    if os.environ.get(REQUIRED):
-        pytest.fail(f"{REQUIRED} is set but {why}", pytrace=False)
-    pytest.skip(why, allow_module_level=True)
+    require_module("diffusers", REQUIRED, why)

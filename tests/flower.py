@@ -7,23 +7,17 @@ Where it is missing those tests are skipped, saying how to install it; with
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
-import pytest
+from tests.helpers import require_module
 
 REQUIRED = "DDM_REQUIRE_FLOWER"
 
 
 def require_flower() -> None:
     """Call at the top of a test module, before importing flwr or ddm's Flower apps."""
-    if importlib.util.find_spec("flwr") is not None:
-        return
     why = (
         f"flwr is not installed (Python {sys.version_info.major}.{sys.version_info.minor}); the Flower tests need"
         " the flower extra on Python >= 3.11: pip install -e '.[test,flower]'"
     )
-    if os.environ.get(REQUIRED):
-        pytest.fail(f"{REQUIRED} is set but {why}", pytrace=False)
-    pytest.skip(why, allow_module_level=True)
+    require_module("flwr", REQUIRED, why)

@@ -6,12 +6,7 @@ latent space, where it acts as in pixel space."""
 import numpy as np
 import pytest
 
-
-def one_line_error(result, *words):
-    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-1000:]
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
+from tests.helpers import one_line_exit
 
 
 @pytest.mark.slow
@@ -20,11 +15,11 @@ def test_class_conditioning_needs_labelled_data(run, tmp_path):
     np.savez(data, images=np.zeros((40, 8, 8), dtype=np.uint8))
     home = tmp_path / "home"
     result = run("ddm-coordinator", "init", "--home", home, "--dataset", data, "--class-conditional", "--experts", "2")
-    one_line_error(result, "--class-conditional needs labelled data")
+    one_line_exit(result, "--class-conditional needs labelled data")
     assert not home.exists()
     siloed = ["--mode", "siloed", "--image-size", "8", "--channels", "1", "--class-conditional"]
-    one_line_error(run("ddm-coordinator", "init", "--home", home, *siloed), "needs --classes N")
-    one_line_error(run("ddm-coordinator", "init", "--home", home, "--classes", "3"), "--classes goes with")
+    one_line_exit(run("ddm-coordinator", "init", "--home", home, *siloed), "needs --classes N")
+    one_line_exit(run("ddm-coordinator", "init", "--home", home, "--classes", "3"), "--classes goes with")
 
 
 def test_ancestral_routing_is_the_default():

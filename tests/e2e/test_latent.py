@@ -16,6 +16,7 @@ from ddm_model.clustering import Clustering
 from ddm_model.data import load_digits
 from ddm_model.router import DEFAULT_ROUTER_SHARE, router_steps_for
 from tests.diffusers_support import require_diffusers
+from tests.helpers import one_line_exit
 
 require_diffusers()
 
@@ -30,13 +31,6 @@ def decoded(images, n: int) -> None:
     images = np.asarray(images)
     assert images.shape == (n, 3, 8, 8) and np.isfinite(images).all() and np.abs(images).max() <= 1.0
     assert images.std() > 0
-
-
-def one_line_error(result, *words):
-    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-1000:]
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
 
 
 @pytest.mark.slow
@@ -146,12 +140,12 @@ def test_a_class_conditional_latent_ensemble_trains_publishes_and_decodes(coordi
 
     pack(read_folder(save_small_autoencoder(tmp_path / "other-vae", seed=1)), other)
     (ensemble / "autoencoder.safetensors").write_bytes(other.read_bytes())
-    one_line_error(sample("--n", "2"), "does not match the signed manifest")
+    one_line_exit(sample("--n", "2"), "does not match the signed manifest")
 
 
 @pytest.mark.slow
 def test_latent_init_refuses_a_missing_autoencoder_in_one_line(run, tmp_path):
     home = tmp_path / "home"
     result = run("ddm-coordinator", "init", "--home", home, "--latent", tmp_path / "absent", "--preset", "tiny")
-    one_line_error(result, "no autoencoder at", "nothing is downloaded")
+    one_line_exit(result, "no autoencoder at", "nothing is downloaded")
     assert not home.exists()
