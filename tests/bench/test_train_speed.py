@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.diffusers_support import require_diffusers
 
 require_diffusers()
@@ -15,6 +17,7 @@ require_diffusers()
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a subprocess running both sides and every routing: about 7 s
 def test_the_bench_reports_both_sides_and_the_routings(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "bench/train_speed.py"), "--quick", "--device", "cpu", "--out", str(out)]

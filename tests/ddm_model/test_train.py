@@ -155,6 +155,7 @@ def run_script(out, steps):
     return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(steps)], env=env)
 
 
+@pytest.mark.slow  # a real process killed mid-run and resumed: about 15 s
 def test_training_killed_with_sigkill_resumes_exactly(tmp_path):
     from ddm_model.checkpoint import load_checkpoint
 
