@@ -21,6 +21,9 @@ from tests.flower import require_flower
 
 require_flower()
 
+# Every test here trains experts through a Flower run in threads: seconds each, 45 s in all.
+pytestmark = pytest.mark.slow
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
