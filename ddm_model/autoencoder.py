@@ -189,8 +189,8 @@ def read_folder(path: str | Path) -> Autoencoder:
     if not isinstance(raw, dict) or raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         found = raw.get("_class_name") if isinstance(raw, dict) else type(raw).__name__
         raise AutoencoderError(f"{folder} holds a {found}, not an AutoencoderKL")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach the Hub (read at import)
     cls = _diffusers_class()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach the Hub
     try:
         # from_pretrained also renames the keys of checkpoints saved by older diffusers versions.
         model = cls.from_pretrained(
