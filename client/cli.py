@@ -133,11 +133,29 @@ def join(
         help="Siloed mode: report this island's sample count (and per-class counts) with its checkpoint, so the"
         " ensemble draws its expert in proportion to the data; without it the coordinator uses uniform shares.",
     ),
+    dp_epsilon: float = typer.Option(
+        None,
+        help="Train with differential privacy (DP-SGD, Opacus): the expert is (epsilon, delta)-DP with respect to"
+        " each sample this island trains on.",
+    ),
+    dp_delta: float = typer.Option(None, help="With --dp-epsilon: delta (default 1e-5, or 0.1/N for a larger silo)."),
+    dp_clip: float = typer.Option(1.0, help="With --dp-epsilon: each sample's gradient is clipped to this norm."),
+    dp_noise_pairs: int = typer.Option(
+        1, help="With --dp-epsilon: noise/time draws per sample and step, averaged before clipping."
+    ),
+    dp_accountant: str = typer.Option("rdp", help="With --dp-epsilon: the privacy accountant, rdp or prv."),
 ) -> None:
     """Enroll, take a lease, train the expert locally, upload it, and repeat (or stop with --once)."""
+    from ddm_model.privacy import DPConfig
+
     from .island import JoinOptions, run_island
 
     try:
+        dp = None
+        if dp_epsilon is not None:
+            dp = DPConfig(dp_epsilon, dp_delta, dp_clip, dp_noise_pairs, dp_accountant)
+        elif dp_delta is not None:
+            raise DDMError("--dp-delta goes with --dp-epsilon")
         code = run_island(
             JoinOptions(
                 coordinator=coordinator,
@@ -153,6 +171,7 @@ def join(
                 data=data,
                 share_counts=share_counts,
                 nproc_per_node=nproc_per_node,
+                dp=dp,
             )
         )
     except (DDMError, TrustError, OSError) as exc:
@@ -175,6 +194,8 @@ def download(
     tls: TlsSettings = None,
 ) -> None:
     """Fetch the published ensemble (resumable) and verify every signature and hash."""
+    from protocol.manifest import Manifest
+
     from .ensemble import download_ensemble
 
     try:
@@ -182,6 +203,13 @@ def download(
     except (DDMError, TrustError, OSError) as exc:
         fail(str(exc))
     out.print(f"verified ensemble in {folder}")
+    private = Manifest.parse((folder / "manifest.json").read_bytes()).privacy
+    if private:
+        out.print(
+            f"differentially private: epsilon {private['epsilon']:.3g}, delta {private['delta']:.2g} for"
+            f" {private['unit']} (every one of its {private['experts']} experts declares a guarantee)",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -26,6 +26,7 @@ from ddm_model.autoencoder import Autoencoder
 from ddm_model.checkpoint import read_checkpoint_header
 from ddm_model.data import DataError, ImageDataset, load_dataset, load_dataset_file
 from ddm_model.dit import DiTConfig
+from ddm_model.privacy import DPConfig
 from ddm_model.progress import transfer_bar
 from ddm_model.train import TrainConfig, TrainStopped
 from protocol import ddm_pb2 as pb
@@ -89,6 +90,7 @@ class JoinOptions:
     tls: TlsSettings | None = None  # the TLS flags given; see tls_for
     share_counts: bool = False  # siloed mode: report the data's sample (and class) counts with the checkpoint
     nproc_per_node: int = 1  # train each expert with DDP over this many local processes (nodes.py)
+    dp: DPConfig | None = None  # train each expert with DP-SGD to this guarantee (ddm_model.privacy)
 
 
 def tls_for(state: IslandState, coordinator: str, flags: TlsSettings | None) -> TlsSettings:
@@ -328,17 +330,28 @@ def _fetch_data(
     return shard
 
 
-def finished_checkpoint(lease: pb.Lease, state: IslandState, data: ImageDataset) -> tuple[Path, Path | None]:
+def finished_checkpoint(
+    lease: pb.Lease, state: IslandState, data: ImageDataset, dp: DPConfig | None = None
+) -> tuple[Path, Path | None]:
     """Where the lease's finished checkpoint goes in the outbox, and that path again if an
-    earlier run already finished it (same steps, same model), else None."""
+    earlier run already finished it (same steps, same model, and private as ``dp`` asks or not
+    private at all without it), else None."""
     model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
     steps = TrainConfig.from_dict(json.loads(lease.train_config_json)).steps
     out = state.outbox / f"expert-{lease.expert_id}-{data.fingerprint()[:16]}.safetensors"
     if out.exists():
         info, _ = read_checkpoint_header(out)
-        if info.steps == steps and info.model == model_cfg.to_dict():
+        if info.steps == steps and info.model == model_cfg.to_dict() and private_as_asked(info.privacy, dp):
             return out, out
     return out, None
+
+
+def private_as_asked(guarantee: dict | None, dp: DPConfig | None) -> bool:
+    """Whether a finished checkpoint's guarantee (or its lack) is what ``dp`` asks for."""
+    if dp is None or guarantee is None:
+        return dp is None and guarantee is None
+    same = all(guarantee[name] == getattr(dp, name) for name in ("clip", "noise_pairs", "accountant"))
+    return same and guarantee["epsilon"] <= dp.epsilon and (dp.delta is None or guarantee["delta"] == dp.delta)
 
 
 def expert_job(
@@ -351,10 +364,11 @@ def expert_job(
     nproc: int = 1,
     share_counts: bool = False,
     images: ImageDataset | None = None,
+    dp: DPConfig | None = None,
 ) -> ExpertJob:
     """The lease's expert as a training job on ``data``, resumable from the state folder's work
     directory. For a latent lease ``data`` holds the latents of ``images``, the cluster's own
-    samples, whose fingerprint the checkpoint names."""
+    samples, whose fingerprint the checkpoint names. ``dp``: train it with DP-SGD."""
     model_cfg = DiTConfig.from_dict(json.loads(lease.model_config_json))
     train_cfg = TrainConfig.from_dict(json.loads(lease.train_config_json))
     train_cfg.device = device
@@ -373,6 +387,7 @@ def expert_job(
         cluster_id=lease.cluster_id,
         metrics={COUNTS_KEY: data_counts(data, model_cfg.num_classes)} if share_counts else None,
         threads=threads or max(1, torch.get_num_threads() // nproc),
+        privacy=None if dp is None else dp.to_dict(),
     )
 
 
@@ -387,7 +402,7 @@ def train_lease(
     """Train (or resume) the lease's expert, in this process or with --nproc-per-node N in N, on
     ``data`` or, for a latent lease, on its latents under ``autoencoder``; returns the finished
     checkpoint in the outbox."""
-    out, done = finished_checkpoint(lease, state, data)
+    out, done = finished_checkpoint(lease, state, data, opts.dp)
     if done is not None:
         info, _ = read_checkpoint_header(done)
         console.print(f"expert {lease.expert_id}: already trained, uploading {done.name}", highlight=False)
@@ -395,11 +410,19 @@ def train_lease(
         return done
     nproc = opts.nproc_per_node
     trained_on = in_model_space(data, autoencoder, state)
-    job = expert_job(lease, state, trained_on, out, opts.device, opts.threads, nproc, opts.share_counts, images=data)
+    job = expert_job(
+        lease, state, trained_on, out, opts.device, opts.threads, nproc, opts.share_counts, images=data, dp=opts.dp
+    )
+    report = heartbeat.update
+    if opts.dp is not None:  # a private run's losses are statistics of the data: they stay here
+
+        def report(step: int, loss: float, rate: float) -> None:
+            heartbeat.update(step, math.nan, rate)
+
     try:
         if nproc == 1:
-            return run_job(job, trained_on, on_progress=heartbeat.update, stop=heartbeat.lost)
-        return launch(job, trained_on, nproc, on_progress=heartbeat.update, stop=heartbeat.lost)
+            return run_job(job, trained_on, on_progress=report, stop=heartbeat.lost)
+        return launch(job, trained_on, nproc, on_progress=report, stop=heartbeat.lost)
     except TrainStopped:
         raise LeaseLost(f"lease {lease.lease_id} was lost ({heartbeat.reason}); training stopped") from None
 
@@ -413,12 +436,39 @@ def data_counts(data: ImageDataset, num_classes: int) -> dict:
     return counts
 
 
+def check_dp(opts: JoinOptions) -> None:
+    """Refuse, in one line, what cannot go with --dp-epsilon."""
+    if opts.dp is None:
+        return
+    if opts.nproc_per_node > 1:
+        raise ClientError("--dp-epsilon trains in one process; drop --nproc-per-node")
+    if opts.share_counts:
+        raise ClientError(
+            "--share-counts reports exact data counts, which the --dp-epsilon guarantee does not cover; drop one"
+        )
+
+
+def dp_requirement_error(lease: pb.Lease, dp: DPConfig | None) -> tuple[str, str] | None:
+    """(what the coordinator is told, what the operator reads) when the lease asks for a
+    differential-privacy guarantee this island was not started to give, else None."""
+    required = lease.require_dp_epsilon
+    if required <= 0 or (dp is not None and dp.epsilon <= required):
+        return None
+    reason = "the island does not train with differential privacy at the required epsilon"
+    asked = "without differential privacy" if dp is None else f"with --dp-epsilon {dp.epsilon:g}"
+    return reason, (
+        f"this coordinator signs only experts private to epsilon <= {required:g}, and this island was started"
+        f" {asked}: rejoin with --dp-epsilon {required:g} (or less)"
+    )
+
+
 def run_island(opts: JoinOptions) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ClientError("--device cuda was asked for but this PyTorch sees no CUDA GPU")
     check_nproc(opts.nproc_per_node, opts.device)
+    check_dp(opts)
     state = IslandState(opts.state_dir)
     tls = tls_for(state, opts.coordinator, opts.tls)
     identity = enroll(state, opts.coordinator, opts.token, opts.name, "island", opts.fingerprint, tls)
@@ -443,6 +493,9 @@ def run_island(opts: JoinOptions) -> int:
             unsplittable = split_error(TrainConfig.from_dict(json.loads(lease.train_config_json)).batch_size, nproc)
             if unsplittable:
                 refuse_lease(conn, lease, f"the island cannot split the batch over {nproc} processes", unsplittable)
+            required = dp_requirement_error(lease, opts.dp)
+            if required:
+                refuse_lease(conn, lease, required[0], required[1])
             autoencoder = lease_autoencoder(conn, lease, state, opts.device)
             data = fetch_data(conn, lease, state, opts.dataset, opts.data, opts.share_counts, autoencoder)
             heartbeat = Heartbeat(conn, lease.lease_id, lease.heartbeat_interval_s)

@@ -60,6 +60,7 @@ from ddm_model.data import ImageDataset, load_dataset_file, save_dataset_file
 from ddm_model.distributed import World, process_group
 from ddm_model.dit import DiTConfig
 from ddm_model.errors import DDMError
+from ddm_model.privacy import DPConfig
 from ddm_model.progress import console
 from ddm_model.train import ProgressCallback, TrainConfig, TrainStopped, train_expert
 
@@ -127,6 +128,7 @@ class ExpertJob:
     cluster_id: int
     metrics: dict | None = None
     threads: int | None = None  # CPU threads per process
+    privacy: dict | None = None  # DP-SGD settings (ddm_model.privacy.DPConfig), or None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -141,6 +143,7 @@ class ExpertJob:
                 "cluster_id": self.cluster_id,
                 "metrics": self.metrics,
                 "threads": self.threads,
+                "privacy": self.privacy,
             },
             indent=2,
         )
@@ -175,6 +178,7 @@ def run_job(
         on_progress=on_progress,
         stop=stop,
         world=world,
+        privacy=None if job.privacy is None else DPConfig.from_dict(job.privacy),
     )
     if main:
         if result.resumed_from:

@@ -60,6 +60,7 @@ class InitOptions:
     class_conditional: bool = False  # experts and router conditioned on the class label
     classes: int | None = None  # siloed mode with class_conditional: the class count (no data to read it off)
     latent: str | None = None  # a local diffusers AutoencoderKL folder: experts train on its latents
+    require_dp_epsilon: float | None = None  # siloed mode: sign only experts private to this epsilon
 
 
 def expected_checkpoint_bytes(model_config: DiTConfig) -> int:
@@ -87,6 +88,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
         raise HomeError(f"unknown mode {opts.mode!r}; use {' or '.join(MODES)}")
     if not 0 < opts.probe_margin < 1:
         raise HomeError(f"--probe-margin must lie strictly between 0 and 1, got {opts.probe_margin}")
+    check_dp_requirement(opts)
 
     # Validate every setting before the slow work.
     if opts.mode == "siloed":
@@ -166,6 +168,7 @@ def init_home(opts: InitOptions) -> tuple[Home, str]:
             max_upload_bytes=quota,
             database_url=opts.database_url,
             autoencoder=described,
+            require_dp_epsilon=opts.require_dp_epsilon,
         )
         registry = Registry(staged.database_url(config) if not opts.database_url else opts.database_url)
         registry.create()
@@ -193,6 +196,22 @@ def read_autoencoder(folder: str, image_size: int, channels: int) -> Autoencoder
         )
     autoencoder.latent_shape(image_size)  # an image size it divides
     return autoencoder
+
+
+def check_dp_requirement(opts: InitOptions) -> None:
+    """--require-dp-epsilon: a positive finite epsilon, in siloed mode only. In shared mode the
+    coordinator trains the router (and a student) on the data itself, outside any island's
+    guarantee, so the ensemble would not be private whatever the experts are."""
+    epsilon = opts.require_dp_epsilon
+    if epsilon is None:
+        return
+    if opts.mode != "siloed":
+        raise HomeError(
+            "--require-dp-epsilon is for siloed mode: in shared mode the coordinator trains the router on"
+            " the data itself, outside any island's privacy guarantee"
+        )
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        raise HomeError(f"--require-dp-epsilon must be a positive number, got {epsilon}")
 
 
 def class_count(opts: InitOptions, dataset) -> int:

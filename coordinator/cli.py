@@ -74,6 +74,11 @@ def init(
         help="Train the experts in the latent space of the diffusers AutoencoderKL in this local folder"
         " (config.json + diffusion_pytorch_model.safetensors; nothing is downloaded). Needs ddm[latent].",
     ),
+    require_dp_epsilon: float = typer.Option(
+        None,
+        help="Siloed mode: sign only experts trained with differential privacy (join --dp-epsilon) at this"
+        " epsilon or less, with a delta below 1/N of their silo's N samples.",
+    ),
 ) -> None:
     """Cluster the dataset, hold out a probe slice of each cluster, cut one shard per cluster from
     the rest, create the registry, the signing key and the TLS certificate."""
@@ -111,6 +116,7 @@ def init(
                 tls_names=tuple(tls_name or ()),
                 probe_margin=probe_margin,
                 latent=None if latent is None else str(latent),
+                require_dp_epsilon=require_dp_epsilon,
             )
         )
     except (DDMError, OSError) as exc:
@@ -132,6 +138,11 @@ def init(
         out.print(
             f"  experts train on {model['in_channels']}x{model['image_size']}x{model['image_size']} latents of"
             f" autoencoder {config.autoencoder['identity'][:16]}",
+            highlight=False,
+        )
+    if config.require_dp_epsilon is not None:
+        out.print(
+            f"  experts are signed only if differentially private with epsilon <= {config.require_dp_epsilon:g}",
             highlight=False,
         )
     print(f"TLS certificate fingerprint: {home_fingerprint(made)}")
@@ -337,10 +348,16 @@ def flower_app(
         h = _home(home)
         if not h.exists():
             raise HomeError(f"{h.root} is not a coordinator home; run `ddm-coordinator init` first")
-        if h.load_config().autoencoder:
+        config = h.load_config()
+        if config.autoencoder:
             raise HomeError(
                 f"{h.root} trains latent experts, which ddm's Flower app does not carry yet;"
                 " serve it with `ddm-coordinator serve` and let islands `ddm-client join`"
+            )
+        if config.require_dp_epsilon is not None:
+            raise HomeError(
+                f"{h.root} requires differentially private experts, which ddm's Flower nodes do not train yet;"
+                " serve it with `ddm-coordinator serve` and let islands `ddm-client join --dp-epsilon`"
             )
         settings = RunSettings(
             home=h.root.resolve(),

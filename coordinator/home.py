@@ -79,6 +79,9 @@ class CoordinatorConfig:
     # ddm_model.autoencoder describes it plus the packed file's sha256 and size and the pixel
     # images' [C, H, W]; {} for a pixel-space home.
     autoencoder: dict = field(default_factory=dict)
+    # Siloed homes (`init --require-dp-epsilon E`): sign only experts that declare a
+    # differentially private guarantee with at most this epsilon (ddm_model.privacy); None: any.
+    require_dp_epsilon: float | None = None
 
     def expert_upload_quota(self) -> int:
         return self.max_expert_upload_bytes or 4 * self.max_upload_bytes

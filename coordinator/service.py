@@ -153,6 +153,7 @@ class CoordinatorService(ddm_pb2_grpc.CoordinatorServicer):
             deadline_unix_ms=int(grant.deadline_at * 1000),
             heartbeat_interval_s=max(1, int(self.config.heartbeat_seconds)),
             shard_fingerprint=grant.shard_fingerprint,
+            require_dp_epsilon=self.config.require_dp_epsilon or 0.0,
         )
         if self.config.autoencoder:  # a latent home: the island encodes its data with this one
             described = self.config.autoencoder

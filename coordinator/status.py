@@ -66,6 +66,8 @@ def build_status(
             "loss": e["loss"],
             "images_per_second": e["images_per_second"],
             "checkpoint_sha256": e["checkpoint_sha256"],
+            # A signed expert's differential-privacy guarantee, as its signed entry states it.
+            "privacy": json.loads(e["entry_json"]).get("privacy") if e["entry_json"] else None,
         }
         for e in sorted(snap["experts"], key=lambda e: e["id"])
     ]
@@ -125,6 +127,7 @@ def build_status(
                 if config.autoencoder
                 else None
             ),
+            "require_dp_epsilon": config.require_dp_epsilon,
             "router_budget": (
                 f"{config.router_train['steps']} steps, fixed"
                 if fixed
@@ -221,6 +224,8 @@ def render_status(status: dict, console: Console) -> None:
     if latent:
         shape = "x".join(map(str, latent["shape"]))
         head += f"\nlatent space: {shape} latents of autoencoder {latent['autoencoder_identity'][:16]}…"
+    if c.get("require_dp_epsilon") is not None:
+        head += f"\nsigns only differentially private experts: epsilon <= {c['require_dp_epsilon']:g}"
     islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
     for col in ("island", "name", "role", "access", "last seen", "checkpoint", "heartbeats", "control"):
         islands.add_column(col)
@@ -237,7 +242,7 @@ def render_status(status: dict, console: Console) -> None:
             f"{sent['control']['messages']} ({_bytes(sent['control']['bytes'])})",
         )
     experts = Table(title="experts", title_justify="left")
-    for col in ("expert", "cluster", "state", "island", "step", "loss", "img/s", "checkpoint"):
+    for col in ("expert", "cluster", "state", "island", "step", "loss", "img/s", "checkpoint", "privacy"):
         experts.add_column(col)
     for e in status["experts"]:
         experts.add_row(
@@ -249,6 +254,7 @@ def render_status(status: dict, console: Console) -> None:
             "" if e["loss"] is None else f"{e['loss']:.4f}",
             "" if e["images_per_second"] is None else f"{e['images_per_second']:,.0f}",
             (e["checkpoint_sha256"] or "")[:12],
+            _privacy(e.get("privacy")),
         )
     leases = Table(title="leases", title_justify="left")
     for col in ("lease", "expert", "island", "state", "deadline"):
@@ -278,6 +284,12 @@ def render_status(status: dict, console: Console) -> None:
     if status.get("events"):
         parts.append(_events_table(status["events"], f"last {len(status['events'])} events"))
     console.print(Group(*parts))
+
+
+def _privacy(guarantee: dict | None) -> str:
+    if not guarantee:
+        return ""
+    return f"ε {guarantee['epsilon']:.3g}, δ {guarantee['delta']:.2g}"
 
 
 def _bytes(n: int) -> str:

@@ -18,6 +18,7 @@ import torch
 from ddm_model.checkpoint import CheckpointError, load_checkpoint, verify_checkpoint
 from ddm_model.clustering import Clustering
 from ddm_model.data import ImageDataset, load_dataset_file
+from ddm_model.privacy import Guarantee, PrivacyError
 from ddm_model.probe import Probe, probe_seed
 from protocol.limits import MAX_METRICS_BYTES
 from protocol.shares import COUNTS_KEY, SharesError, check_counts
@@ -157,4 +158,38 @@ class Validator:
         }
         if counts is not None:
             provenance["counts"] = counts
+        privacy = self._privacy(info, expert)
+        if privacy is not None:
+            provenance["privacy"] = privacy
         return provenance, model
+
+    def _privacy(self, info, expert) -> dict | None:
+        """The checkpoint's differential-privacy guarantee, if it declares one: its epsilon
+        must be what its accountant gives for its own figures, and with ``require_dp_epsilon``
+        at most that, with a delta below 1/N. What this cannot check is that the island trained
+        as declared: the signature binds the declaration to these weights, no more."""
+        required = self.config.require_dp_epsilon
+        if info.privacy is None:
+            if required is None:
+                return None
+            raise Rejected(
+                "it declares no differential-privacy guarantee, and this coordinator signs only experts private"
+                f" to epsilon <= {required:g} (ddm-client join --dp-epsilon {required:g})"
+            )
+        try:
+            guarantee = Guarantee.from_dict(info.privacy).verify()
+        except PrivacyError as exc:
+            raise Rejected(f"its privacy guarantee is refused: {exc}") from None
+        if required is not None:
+            if guarantee.epsilon > required:
+                raise Rejected(
+                    f"it is private to epsilon {guarantee.epsilon:.3g}; this coordinator signs only experts"
+                    f" private to epsilon <= {required:g}"
+                )
+            samples = lease_train_config(self.config, expert.id).batch_size / guarantee.sample_rate
+            if guarantee.delta * samples >= 1:
+                raise Rejected(
+                    f"its delta {guarantee.delta:.2g} is not below 1/N for the {samples:.0f} samples its sample rate"
+                    " implies (such a delta allows publishing a sample in the clear)"
+                )
+        return guarantee.to_dict()

@@ -25,6 +25,7 @@ from torch import nn
 from .dit import DiT, DiTConfig
 from .errors import DDMError
 from .fsutil import atomic_path
+from .privacy import Guarantee, PrivacyError
 from .router import Router, RouterConfig
 
 FORMAT = "ddm.checkpoint/1"
@@ -53,9 +54,13 @@ class CheckpointInfo:
     flops: int = 0
     data_fingerprint: str = ""
     metrics: dict = field(default_factory=dict)
+    # A differentially private expert's guarantee (privacy.Guarantee); absent from the header
+    # of any other checkpoint.
+    privacy: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **self.__dict__}, sort_keys=True)
+        fields = {k: v for k, v in self.__dict__.items() if k != "privacy" or v is not None}
+        return json.dumps({"format": FORMAT, **fields}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None, where: str) -> CheckpointInfo:
@@ -85,6 +90,13 @@ class CheckpointInfo:
                 raise CheckpointError(f"{where}: {name} must be a non-negative integer")
         if not isinstance(info.data_fingerprint, str) or not isinstance(info.metrics, dict):
             raise CheckpointError(f"{where}: data_fingerprint must be a string and metrics an object")
+        if info.privacy is not None:
+            try:
+                Guarantee.from_dict(info.privacy)
+            except PrivacyError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
+            if info.privacy["steps"] != info.steps:
+                raise CheckpointError(f"{where}: its privacy guarantee counts other steps than it was trained for")
         return info
 
 
@@ -152,9 +164,11 @@ def save_checkpoint(
     data_fingerprint: str = "",
     metrics: dict | None = None,
     kind: str | None = None,
+    privacy: dict | None = None,
 ) -> CheckpointInfo:
     """Write the model's float32 weights and its description, atomically. ``kind`` defaults to
-    what the model is (a DiT is an expert unless it is said to be a student)."""
+    what the model is (a DiT is an expert unless it is said to be a student); ``privacy`` is a
+    DP-SGD run's guarantee."""
     if kind is None:
         kind = kind_of(model)
     elif kind not in MODEL_KINDS or not isinstance(model, MODEL_KINDS[kind][1]):
@@ -167,6 +181,7 @@ def save_checkpoint(
         flops=int(flops),
         data_fingerprint=data_fingerprint,
         metrics=dict(metrics or {}),
+        privacy=privacy,
     )
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in model.state_dict().items()}
     with atomic_path(path) as tmp:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from .errors import DDMError
 from .flops import count_flops
 from .flow import ALL_ROWS, TimeSampler, drop_labels, flow_matching_loss
 from .fsutil import atomic_path
+from .privacy import DPConfig, PrivateTraining, quiet_hooks
 from .progress import maybe_progress
 from .router import Router, RouterConfig, router_loss
 
@@ -154,6 +156,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each log window
     seconds: float = 0.0
     resumed_from: int = 0  # step found in the resume state when this call started
+    privacy: dict | None = None  # a DP-SGD run's guarantee (privacy.Guarantee.to_dict())
 
     @property
     def flops(self) -> int:
@@ -167,8 +170,9 @@ class TrainResult:
         metrics: dict | None = None,
         kind: str | None = None,
     ) -> CheckpointInfo:
-        """Write the EMA weights as a checkpoint carrying this run's steps, FLOPs and final loss."""
-        final = {"final_loss": self.losses[-1]} if self.losses else {}
+        """Write the EMA weights as a checkpoint carrying this run's steps, FLOPs and final loss,
+        or, for a private run, its guarantee and no loss (a loss is a statistic of the data)."""
+        final = {"final_loss": self.losses[-1]} if self.losses and self.privacy is None else {}
         return save_checkpoint(
             path,
             self.model,
@@ -178,6 +182,7 @@ class TrainResult:
             data_fingerprint=data_fingerprint,
             metrics={**final, **(metrics or {})},
             kind=kind,
+            privacy=self.privacy,
         )
 
 
@@ -203,6 +208,7 @@ def fit(
     cfg: TrainConfig,
     identity: dict,
     run: RunOptions = RunOptions(),
+    privacy: DPConfig | None = None,
 ) -> TrainResult:
     """Minimise ``objective`` over random batches of (images, targets) for ``cfg.steps`` steps.
 
@@ -210,6 +216,11 @@ def fit(
     only if it carries the same identity and ``cfg.run_identity()``, whatever number of
     processes wrote it. A loss or weight that is not finite ends the run with ``TrainError``; no
     state past it is saved or returned.
+
+    With ``privacy`` the run is DP-SGD (``privacy.PrivateTraining``): Poisson batches of
+    expected size ``cfg.batch_size``, each sample's gradient clipped and the sum noised, for a
+    guarantee planned for exactly ``cfg.steps`` steps (part of the resume identity, so a
+    resumed run cannot change it); ``cfg.grad_clip`` and ``cfg.compile`` do not apply.
     """
     if images.shape[0] == 0:
         raise TrainError("cannot train on an empty dataset")
@@ -219,6 +230,11 @@ def fit(
     if world is not None and device != world.device:
         raise TrainError(f"{run.description}: this process trains on {world.device}, not {device}")
     cuda = device.type == "cuda"
+    private = None
+    if privacy is not None:
+        if world is not None:
+            raise TrainError(f"{run.description}: differentially private training runs in one process")
+        private = PrivateTraining(privacy, images.shape[0], cfg.batch_size, cfg.steps)
     autocast = cfg.amp and (cuda or (cfg.cpu_amp and device.type == "cpu"))
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -229,8 +245,11 @@ def fit(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=cuda or None
     )
 
-    flops_per_step = _measure_step_flops(model, images, targets, objective, cfg.batch_size)
+    rows_per_step = cfg.batch_size * (private.pairs if private else 1)
+    flops_per_step = _measure_step_flops(model, images, targets, objective, rows_per_step)
     identity = {**identity, "train": cfg.run_identity()}
+    if private is not None:
+        identity["privacy"] = private.guarantee.to_dict()
     step, losses = 0, []
     resume_path = Path(run.checkpoint_dir) / RESUME_FILE if run.checkpoint_dir is not None else None
     if resume_path is not None and resume_path.exists():
@@ -250,7 +269,10 @@ def fit(
             generator.manual_seed(cfg.seed + step)
 
     forward = model if world is None else world.wrap(model)
-    forward = torch.compile(forward) if cfg.compile and cuda else forward
+    if private is not None:
+        forward, optimizer = private.attach(model, optimizer, generator)
+    elif cfg.compile and cuda:
+        forward = torch.compile(forward)
     params = [p for p in model.parameters()]
     ema_params = [p for p in ema.parameters()]
     window_loss = torch.zeros((), device=device)
@@ -303,35 +325,46 @@ def fit(
 
     start_step, started = step, time.perf_counter()
     window_steps, window_start = 0, time.perf_counter()
-    with maybe_progress(run.progress) as bar, tf32_matmuls(cfg.tf32 and cuda):
+    quiet = quiet_hooks() if private is not None else contextlib.nullcontext()
+    with maybe_progress(run.progress) as bar, tf32_matmuls(cfg.tf32 and cuda), quiet:
         resumed = f"resumed at step {step}" if step else ""
         task = bar.add_task(run.description, total=cfg.steps, completed=step, info=resumed) if bar else None
         while step < cfg.steps:
             if stop_now():
                 save_resume()
                 raise TrainStopped(f"{run.description}: stopped at step {step}; the resume state is saved")
-            index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
+            if private is None:
+                index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=generator, device=device)
+            else:
+                index = private.draw(images.shape[0], generator, device)
             x = images[index]
             y = None if targets is None else targets[index]
+            if private is not None:
+                x, y = private.repeat(x), private.repeat(y)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = objective(forward, x, y, generator, rows)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
+            loss = None
+            if x.shape[0]:  # a Poisson batch may be empty: its step is noise alone
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = objective(forward, x, y, generator, rows)
+                loss.backward()
+            if private is not None:
+                private.per_sample(params, index.shape[0])
+            elif cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             with torch.no_grad():  # one multi-tensor kernel on CUDA, not one launch per parameter
                 torch._foreach_lerp_(ema_params, params, 1.0 - _ema_decay_at(cfg, step))
             step += 1
-            loss = loss.detach() if world is None else world.mean(loss)
-            window_loss += loss
-            window_losses.append(loss)
+            if loss is not None:
+                loss = loss.detach() if world is None else world.mean(loss)
+                window_loss += loss
+                window_losses.append(loss)
             window_steps += 1
             if window_steps == cfg.log_every or step == cfg.steps:
                 check_finite(weights=False)
-                mean_loss = (window_loss / window_steps).item()
+                mean_loss = (window_loss / len(window_losses)).item() if window_losses else math.nan
                 losses.append(mean_loss)
                 now = time.perf_counter()
                 rate = window_steps * cfg.batch_size / (now - window_start)
@@ -347,6 +380,8 @@ def fit(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_resume()
         save_resume()
+    if private is not None:
+        private.detach()
     return TrainResult(
         model=ema,
         steps=step,
@@ -354,6 +389,7 @@ def fit(
         losses=losses,
         seconds=time.perf_counter() - started if step > start_step else 0.0,
         resumed_from=start_step,
+        privacy=None if private is None else private.guarantee.to_dict(),
     )
 
 
@@ -429,11 +465,13 @@ def train_expert(
     on_progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
     world: World | None = None,
+    privacy: DPConfig | None = None,
 ) -> TrainResult:
     """Train one flow-matching DiT on exactly the samples of ``dataset``.
 
     For an expert, pass one cluster's subset; for a monolith, the whole dataset. The arguments
-    from ``checkpoint_dir`` on are the run's ``RunOptions``.
+    from ``checkpoint_dir`` to ``world`` are the run's ``RunOptions``; ``privacy`` makes it a
+    DP-SGD run whose guarantee the result (and its exported checkpoint) carries.
     """
     if model_cfg.image_size != dataset.image_size or model_cfg.in_channels != dataset.channels:
         raise TrainError(
@@ -458,6 +496,7 @@ def train_expert(
         cfg,
         identity,
         RunOptions(checkpoint_dir, progress, description, on_progress, stop, world),
+        privacy,
     )
 
 

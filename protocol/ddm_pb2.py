@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protocol/ddm.proto\x12\x06\x64\x64m.v1\",\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"{\n\x0b\x45nrollReply\x12\x11\n\tisland_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x04 \x01(\x0c\x12\x17\n\x0fkey_fingerprint\x18\x05 \x01(\t\",\n\x13\x41\x63quireLeaseRequest\x12\x15\n\rlocal_dataset\x18\x01 \x01(\t\"%\n\x05Shard\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"F\n\tIndexList\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\x03\"\xbe\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\texpert_id\x18\x02 \x01(\x05\x12\x12\n\ncluster_id\x18\x03 \x01(\x05\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12\x19\n\x11train_config_json\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x05\x12\x1e\n\x05shard\x18\x08 \x01(\x0b\x32\r.ddm.v1.ShardH\x00\x12\'\n\nindex_list\x18\t \x01(\x0b\x32\x11.ddm.v1.IndexListH\x00\x12\x19\n\x11shard_fingerprint\x18\n \x01(\t\x12\"\n\x0b\x61utoencoder\x18\x0b \x01(\x0b\x32\r.ddm.v1.ShardB\x06\n\x04\x64\x61ta\"`\n\x11\x41\x63quireLeaseReply\x12\x1e\n\x05lease\x18\x01 \x01(\x0b\x32\r.ddm.v1.LeaseH\x00\x12!\n\x07no_work\x18\x02 \x01(\x0b\x32\x0e.ddm.v1.NoWorkH\x00\x42\x08\n\x06result\"A\n\x06NoWork\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rretry_after_s\x18\x03 \x01(\x05\"[\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x19\n\x11images_per_second\x18\x04 \x01(\x01\"*\n\x0eHeartbeatReply\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x01 \x01(\x03\"7\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ReleaseLeaseReply\"D\n\x12\x42\x65ginUploadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"g\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\"N\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"*\n\x15\x43ompleteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"L\n\x13\x43ompleteUploadReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nentry_json\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x14\n\x12GetManifestRequest\"Z\n\x0eSignedManifest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\";\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd3\x05\n\x0b\x43oordinator\x12\x34\n\x06\x45nroll\x12\x15.ddm.v1.EnrollRequest\x1a\x13.ddm.v1.EnrollReply\x12\x46\n\x0c\x41\x63quireLease\x12\x1b.ddm.v1.AcquireLeaseRequest\x1a\x19.ddm.v1.AcquireLeaseReply\x12=\n\tHeartbeat\x12\x18.ddm.v1.HeartbeatRequest\x1a\x16.ddm.v1.HeartbeatReply\x12\x46\n\x0cReleaseLease\x12\x1b.ddm.v1.ReleaseLeaseRequest\x1a\x19.ddm.v1.ReleaseLeaseReply\x12>\n\x0b\x42\x65ginUpload\x12\x1a.ddm.v1.BeginUploadRequest\x1a\x13.ddm.v1.UploadState\x12:\n\x0cUploadChunks\x12\x13.ddm.v1.UploadChunk\x1a\x13.ddm.v1.UploadState(\x01\x12>\n\x0bQueryUpload\x12\x1a.ddm.v1.QueryUploadRequest\x1a\x13.ddm.v1.UploadState\x12L\n\x0e\x43ompleteUpload\x12\x1d.ddm.v1.CompleteUploadRequest\x1a\x1b.ddm.v1.CompleteUploadReply\x12\x41\n\x0bGetManifest\x12\x1a.ddm.v1.GetManifestRequest\x1a\x16.ddm.v1.SignedManifest\x12<\n\x08\x44ownload\x12\x17.ddm.v1.DownloadRequest\x1a\x15.ddm.v1.DownloadChunk0\x01\x12\x34\n\x06Status\x12\x15.ddm.v1.StatusRequest\x1a\x13.ddm.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protocol/ddm.proto\x12\x06\x64\x64m.v1\",\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"{\n\x0b\x45nrollReply\x12\x11\n\tisland_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x04 \x01(\x0c\x12\x17\n\x0fkey_fingerprint\x18\x05 \x01(\t\",\n\x13\x41\x63quireLeaseRequest\x12\x15\n\rlocal_dataset\x18\x01 \x01(\t\"%\n\x05Shard\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"F\n\tIndexList\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\x03\"\xda\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\texpert_id\x18\x02 \x01(\x05\x12\x12\n\ncluster_id\x18\x03 \x01(\x05\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12\x19\n\x11train_config_json\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x07 \x01(\x05\x12\x1e\n\x05shard\x18\x08 \x01(\x0b\x32\r.ddm.v1.ShardH\x00\x12\'\n\nindex_list\x18\t \x01(\x0b\x32\x11.ddm.v1.IndexListH\x00\x12\x19\n\x11shard_fingerprint\x18\n \x01(\t\x12\"\n\x0b\x61utoencoder\x18\x0b \x01(\x0b\x32\r.ddm.v1.Shard\x12\x1a\n\x12require_dp_epsilon\x18\x0c \x01(\x01\x42\x06\n\x04\x64\x61ta\"`\n\x11\x41\x63quireLeaseReply\x12\x1e\n\x05lease\x18\x01 \x01(\x0b\x32\r.ddm.v1.LeaseH\x00\x12!\n\x07no_work\x18\x02 \x01(\x0b\x32\x0e.ddm.v1.NoWorkH\x00\x42\x08\n\x06result\"A\n\x06NoWork\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rretry_after_s\x18\x03 \x01(\x05\"[\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x19\n\x11images_per_second\x18\x04 \x01(\x01\"*\n\x0eHeartbeatReply\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x01 \x01(\x03\"7\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ReleaseLeaseReply\"D\n\x12\x42\x65ginUploadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"g\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\"N\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"*\n\x15\x43ompleteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"L\n\x13\x43ompleteUploadReply\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nentry_json\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x14\n\x12GetManifestRequest\"Z\n\x0eSignedManifest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\";\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd3\x05\n\x0b\x43oordinator\x12\x34\n\x06\x45nroll\x12\x15.ddm.v1.EnrollRequest\x1a\x13.ddm.v1.EnrollReply\x12\x46\n\x0c\x41\x63quireLease\x12\x1b.ddm.v1.AcquireLeaseRequest\x1a\x19.ddm.v1.AcquireLeaseReply\x12=\n\tHeartbeat\x12\x18.ddm.v1.HeartbeatRequest\x1a\x16.ddm.v1.HeartbeatReply\x12\x46\n\x0cReleaseLease\x12\x1b.ddm.v1.ReleaseLeaseRequest\x1a\x19.ddm.v1.ReleaseLeaseReply\x12>\n\x0b\x42\x65ginUpload\x12\x1a.ddm.v1.BeginUploadRequest\x1a\x13.ddm.v1.UploadState\x12:\n\x0cUploadChunks\x12\x13.ddm.v1.UploadChunk\x1a\x13.ddm.v1.UploadState(\x01\x12>\n\x0bQueryUpload\x12\x1a.ddm.v1.QueryUploadRequest\x1a\x13.ddm.v1.UploadState\x12L\n\x0e\x43ompleteUpload\x12\x1d.ddm.v1.CompleteUploadRequest\x1a\x1b.ddm.v1.CompleteUploadReply\x12\x41\n\x0bGetManifest\x12\x1a.ddm.v1.GetManifestRequest\x1a\x16.ddm.v1.SignedManifest\x12<\n\x08\x44ownload\x12\x17.ddm.v1.DownloadRequest\x1a\x15.ddm.v1.DownloadChunk0\x01\x12\x34\n\x06Status\x12\x15.ddm.v1.StatusRequest\x1a\x13.ddm.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,43 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXLIST']._serialized_start=286
   _globals['_INDEXLIST']._serialized_end=356
   _globals['_LEASE']._serialized_start=359
-  _globals['_LEASE']._serialized_end=677
-  _globals['_ACQUIRELEASEREPLY']._serialized_start=679
-  _globals['_ACQUIRELEASEREPLY']._serialized_end=775
-  _globals['_NOWORK']._serialized_start=777
-  _globals['_NOWORK']._serialized_end=842
-  _globals['_HEARTBEATREQUEST']._serialized_start=844
-  _globals['_HEARTBEATREQUEST']._serialized_end=935
-  _globals['_HEARTBEATREPLY']._serialized_start=937
-  _globals['_HEARTBEATREPLY']._serialized_end=979
-  _globals['_RELEASELEASEREQUEST']._serialized_start=981
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1036
-  _globals['_RELEASELEASEREPLY']._serialized_start=1038
-  _globals['_RELEASELEASEREPLY']._serialized_end=1057
-  _globals['_BEGINUPLOADREQUEST']._serialized_start=1059
-  _globals['_BEGINUPLOADREQUEST']._serialized_end=1127
-  _globals['_UPLOADSTATE']._serialized_start=1129
-  _globals['_UPLOADSTATE']._serialized_end=1232
-  _globals['_UPLOADCHUNK']._serialized_start=1234
-  _globals['_UPLOADCHUNK']._serialized_end=1312
-  _globals['_QUERYUPLOADREQUEST']._serialized_start=1314
-  _globals['_QUERYUPLOADREQUEST']._serialized_end=1353
-  _globals['_COMPLETEUPLOADREQUEST']._serialized_start=1355
-  _globals['_COMPLETEUPLOADREQUEST']._serialized_end=1397
-  _globals['_COMPLETEUPLOADREPLY']._serialized_start=1399
-  _globals['_COMPLETEUPLOADREPLY']._serialized_end=1475
-  _globals['_GETMANIFESTREQUEST']._serialized_start=1477
-  _globals['_GETMANIFESTREQUEST']._serialized_end=1497
-  _globals['_SIGNEDMANIFEST']._serialized_start=1499
-  _globals['_SIGNEDMANIFEST']._serialized_end=1589
-  _globals['_DOWNLOADREQUEST']._serialized_start=1591
-  _globals['_DOWNLOADREQUEST']._serialized_end=1640
-  _globals['_DOWNLOADCHUNK']._serialized_start=1642
-  _globals['_DOWNLOADCHUNK']._serialized_end=1701
-  _globals['_STATUSREQUEST']._serialized_start=1703
-  _globals['_STATUSREQUEST']._serialized_end=1718
-  _globals['_STATUSREPLY']._serialized_start=1720
-  _globals['_STATUSREPLY']._serialized_end=1747
-  _globals['_COORDINATOR']._serialized_start=1750
-  _globals['_COORDINATOR']._serialized_end=2473
+  _globals['_LEASE']._serialized_end=705
+  _globals['_ACQUIRELEASEREPLY']._serialized_start=707
+  _globals['_ACQUIRELEASEREPLY']._serialized_end=803
+  _globals['_NOWORK']._serialized_start=805
+  _globals['_NOWORK']._serialized_end=870
+  _globals['_HEARTBEATREQUEST']._serialized_start=872
+  _globals['_HEARTBEATREQUEST']._serialized_end=963
+  _globals['_HEARTBEATREPLY']._serialized_start=965
+  _globals['_HEARTBEATREPLY']._serialized_end=1007
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1009
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1064
+  _globals['_RELEASELEASEREPLY']._serialized_start=1066
+  _globals['_RELEASELEASEREPLY']._serialized_end=1085
+  _globals['_BEGINUPLOADREQUEST']._serialized_start=1087
+  _globals['_BEGINUPLOADREQUEST']._serialized_end=1155
+  _globals['_UPLOADSTATE']._serialized_start=1157
+  _globals['_UPLOADSTATE']._serialized_end=1260
+  _globals['_UPLOADCHUNK']._serialized_start=1262
+  _globals['_UPLOADCHUNK']._serialized_end=1340
+  _globals['_QUERYUPLOADREQUEST']._serialized_start=1342
+  _globals['_QUERYUPLOADREQUEST']._serialized_end=1381
+  _globals['_COMPLETEUPLOADREQUEST']._serialized_start=1383
+  _globals['_COMPLETEUPLOADREQUEST']._serialized_end=1425
+  _globals['_COMPLETEUPLOADREPLY']._serialized_start=1427
+  _globals['_COMPLETEUPLOADREPLY']._serialized_end=1503
+  _globals['_GETMANIFESTREQUEST']._serialized_start=1505
+  _globals['_GETMANIFESTREQUEST']._serialized_end=1525
+  _globals['_SIGNEDMANIFEST']._serialized_start=1527
+  _globals['_SIGNEDMANIFEST']._serialized_end=1617
+  _globals['_DOWNLOADREQUEST']._serialized_start=1619
+  _globals['_DOWNLOADREQUEST']._serialized_end=1668
+  _globals['_DOWNLOADCHUNK']._serialized_start=1670
+  _globals['_DOWNLOADCHUNK']._serialized_end=1729
+  _globals['_STATUSREQUEST']._serialized_start=1731
+  _globals['_STATUSREQUEST']._serialized_end=1746
+  _globals['_STATUSREPLY']._serialized_start=1748
+  _globals['_STATUSREPLY']._serialized_end=1775
+  _globals['_COORDINATOR']._serialized_start=1778
+  _globals['_COORDINATOR']._serialized_end=2501
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class IndexList(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "expert_id", "cluster_id", "model_config_json", "train_config_json", "deadline_unix_ms", "heartbeat_interval_s", "shard", "index_list", "shard_fingerprint", "autoencoder")
+    __slots__ = ("lease_id", "expert_id", "cluster_id", "model_config_json", "train_config_json", "deadline_unix_ms", "heartbeat_interval_s", "shard", "index_list", "shard_fingerprint", "autoencoder", "require_dp_epsilon")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Lease(_message.Message):
     INDEX_LIST_FIELD_NUMBER: _ClassVar[int]
     SHARD_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     expert_id: int
     cluster_id: int
@@ -75,7 +76,8 @@ class Lease(_message.Message):
     index_list: IndexList
     shard_fingerprint: str
     autoencoder: Shard
-    def __init__(self, lease_id: _Optional[str] = ..., expert_id: _Optional[int] = ..., cluster_id: _Optional[int] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ..., index_list: _Optional[_Union[IndexList, _Mapping]] = ..., shard_fingerprint: _Optional[str] = ..., autoencoder: _Optional[_Union[Shard, _Mapping]] = ...) -> None: ...
+    require_dp_epsilon: float
+    def __init__(self, lease_id: _Optional[str] = ..., expert_id: _Optional[int] = ..., cluster_id: _Optional[int] = ..., model_config_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., heartbeat_interval_s: _Optional[int] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ..., index_list: _Optional[_Union[IndexList, _Mapping]] = ..., shard_fingerprint: _Optional[str] = ..., autoencoder: _Optional[_Union[Shard, _Mapping]] = ..., require_dp_epsilon: _Optional[float] = ...) -> None: ...
 
 class AcquireLeaseReply(_message.Message):
     __slots__ = ("lease", "no_work")

@@ -57,9 +57,11 @@ class Manifest:
         the order of the router's outputs; ``autoencoder`` describes a latent ensemble's
         autoencoder (sha256, size, identity, config, ...)."""
         latent = {} if autoencoder is None else {"autoencoder": autoencoder}
+        private = privacy_summary(mode, [json.loads(entry) for entry, _ in experts])
         return cls(
             {
                 **latent,
+                **({"privacy": private} if private else {}),
                 "format": MANIFEST_FORMAT,
                 "ensemble_id": ensemble_id,
                 "created_at": created_at,
@@ -112,6 +114,11 @@ class Manifest:
             raise TrustError(f"{what} is malformed ({type(exc).__name__}: {exc})") from None
         return cls(manifest.data, tuple(found))
 
+    @property
+    def privacy(self) -> dict | None:
+        """The ensemble's differential-privacy guarantee (``privacy_summary``), if it has one."""
+        return self.data.get("privacy")
+
     def __getitem__(self, key: str):
         """The manifest's JSON fields, read as from the object itself."""
         return self.data[key]
@@ -162,6 +169,24 @@ class Manifest:
         """Every artifact it names: its router, its experts and any student."""
         student = (self.student or {}).get("sha256")
         return {self.router.get("sha256"), student, *self.checkpoints} - {None, ""}
+
+
+def privacy_summary(mode: str, entries: list[dict]) -> dict | None:
+    """What a siloed ensemble guarantees about any one sample of one island's silo, when every
+    expert declares a differentially private guarantee: the largest epsilon and delta among
+    them. Each island's silo reaches only its own expert (parallel composition; a sample held by
+    several islands counts once per island), and the router and a student learn only from expert
+    samples, which is post-processing. None otherwise: in shared mode the coordinator trains the
+    router on the data itself."""
+    guarantees = [entry.get("privacy") for entry in entries]
+    if mode != "siloed" or not guarantees or any(not isinstance(g, dict) for g in guarantees):
+        return None
+    return {
+        "epsilon": max(g["epsilon"] for g in guarantees),
+        "delta": max(g["delta"] for g in guarantees),
+        "unit": "one sample of one island's data",
+        "experts": len(guarantees),
+    }
 
 
 def members(manifest: dict, public_key: bytes) -> list[Member]:
