@@ -37,3 +37,22 @@ def test_tls_flags_that_do_not_fit_together_fail_in_one_line(command, tmp_path):
     assert result.output.strip().splitlines() == [
         "error: --insecure (plaintext) excludes --tls-fingerprint, --tls-ca and a client certificate"
     ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--dp-epsilon", "8", "--share-counts"], "--share-counts reports exact data counts"),
+        (["--dp-epsilon", "8", "--nproc-per-node", "2"], "--dp-epsilon trains in one process"),
+        (["--dp-delta", "1e-6"], "--dp-delta goes with --dp-epsilon"),
+        (["--dp-epsilon", "-1"], "--dp-epsilon must lie in (0, 10000)"),
+        (["--dp-epsilon", "8", "--dp-accountant", "gdp"], "unknown accountant 'gdp'"),
+    ],
+)
+def test_dp_flags_that_cannot_be_met_fail_in_one_line_before_any_contact(extra, words, tmp_path):
+    args = ["join", "--coordinator", "127.0.0.1:1", "--state-dir", str(tmp_path / "state"), *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and words in line
+    assert not (tmp_path / "state").exists()  # nothing enrolled, nothing written

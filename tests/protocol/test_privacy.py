@@ -19,7 +19,8 @@ REVIEWED = {
     "HeartbeatRequest": {
         "lease_id": "identifier",
         "step": "training step",
-        "loss": "mean training loss of the last window",
+        "loss": "mean training loss of the last window; NaN from a `join --dp-epsilon` island, whose losses"
+        " stay on it",
         "images_per_second": "throughput",
     },
     "ReleaseLeaseRequest": {"lease_id": "identifier", "reason": "fixed text written by the client"},
