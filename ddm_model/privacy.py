@@ -205,6 +205,11 @@ def plan(dp: DPConfig, samples: int, batch_size: int, steps: int) -> Guarantee:
         )
     rate = batch_size / samples
     delta = dp.delta if dp.delta is not None else default_delta(samples)
+    if delta * samples >= 1:
+        raise PrivacyError(
+            f"--dp-delta {delta:g} is not below 1/N for the {samples} training samples (such a delta allows"
+            " publishing a sample in the clear); leave it out for the default"
+        )
     if steps == 0:
         return Guarantee(0.0, delta, 0.0, dp.clip, rate, 0, dp.accountant, dp.noise_pairs)
     with warnings.catch_warnings():

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from client.island import dp_requirement_error
+from client.island import dp_requirement_error, private_as_asked
 from client.transfer import upload_checkpoint
 from coordinator.bootstrap import InitOptions, init_home
 from coordinator.cli import app as coordinator_app
@@ -18,7 +18,7 @@ from coordinator.home import Home, HomeError
 from coordinator.status import build_status
 from ddm_model.checkpoint import save_checkpoint
 from ddm_model.dit import DiTConfig
-from ddm_model.privacy import DPConfig, plan
+from ddm_model.privacy import DPConfig, Guarantee, plan
 from ddm_model.probe import untrained_model
 from protocol.manifest import Manifest
 
@@ -58,6 +58,13 @@ def checkpoint(tmp_path, lease, privacy: dict | None):
     return path
 
 
+def loose_delta(guarantee: dict, delta: float) -> dict:
+    """A declaration whose arithmetic holds but whose delta is 1/N or more (``plan`` refuses to
+    make one; a hand-made header can still say it)."""
+    loose = Guarantee(**{**guarantee, "delta": delta})
+    return {**loose.to_dict(), "epsilon": loose.accounted_epsilon()}
+
+
 def test_only_experts_private_to_the_required_epsilon_are_signed(server, tmp_path):
     conn, _ = enroll(server)
     lease = lease_for(conn)
@@ -73,7 +80,7 @@ def test_only_experts_private_to_the_required_epsilon_are_signed(server, tmp_pat
         (None, ["declares no differential-privacy guarantee", "epsilon <= 4"]),
         (plan(DPConfig(epsilon=8.0), SILO, 64, STEPS).to_dict(), ["it is private to epsilon", "epsilon <= 4"]),
         ({**fits, "epsilon": 1.0}, ["not what the rdp accountant gives"]),
-        (plan(DPConfig(epsilon=4.0, delta=0.01), SILO, 64, STEPS).to_dict(), ["not below 1/N", "640 samples"]),
+        (loose_delta(fits, 0.01), ["not below 1/N", "640 samples"]),
     ):
         data = checkpoint(tmp_path, lease, privacy).read_bytes()
         complete_rejected(server, conn, lease, data, *words)
@@ -117,3 +124,22 @@ def test_a_requirement_is_for_siloed_homes_and_not_served_over_flower(template, 
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "requires differentially private experts" in result.output
     assert not (tmp_path / "app").exists()
+
+
+def test_a_finished_private_checkpoint_is_uploaded_again_only_for_the_same_ask():
+    """An island restarted after training reuses its finished checkpoint only if it is private as
+    the restart asks (or not private, without --dp-epsilon); else it trains again."""
+    done = plan(DPConfig(epsilon=4.0, clip=0.5), SILO, 64, STEPS).to_dict()
+    assert private_as_asked(done, DPConfig(epsilon=4.0, clip=0.5))
+    assert private_as_asked(done, DPConfig(epsilon=6.0, clip=0.5))  # already stricter than asked
+    assert private_as_asked(None, None)
+    for asked in (
+        None,
+        DPConfig(epsilon=2.0, clip=0.5),
+        DPConfig(epsilon=4.0, clip=1.0),
+        DPConfig(epsilon=4.0, clip=0.5, noise_pairs=2),
+        DPConfig(epsilon=4.0, clip=0.5, delta=1e-6),
+        DPConfig(epsilon=4.0, clip=0.5, accountant="prv"),
+    ):
+        assert not private_as_asked(done, asked)
+    assert not private_as_asked(None, DPConfig(epsilon=4.0))

@@ -165,4 +165,6 @@ def test_settings_that_cannot_be_met_are_refused_in_one_line(silo):
             DPConfig(**kwargs)
     with pytest.raises(PrivacyError, match="not smaller than the 120 training samples"):
         plan(DPConfig(epsilon=1.0), N, N, 10)
+    with pytest.raises(PrivacyError, match="--dp-delta 0.01 is not below 1/N for the 120 training samples"):
+        plan(DPConfig(epsilon=1.0, delta=0.01), N, BATCH, 10)
     assert plan(DPConfig(epsilon=1.0), 1_000_000, 100, 10).delta == pytest.approx(1e-7)  # well below 1/N
