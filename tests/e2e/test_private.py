@@ -46,52 +46,19 @@ def test_private_islands_are_signed_with_their_guarantee_and_others_are_turned_a
         "8",
     )
 
-    def join(k: int, *extra):
-        return run(
-            "ddm-client",
-            "join",
-            *coord.connect_args,
-            "--token",
-            coord.invite(),
-            "--state-dir",
-            tmp_path / f"site-{k}" / "state",
-            "--data",
-            silos[k][0],
-            "--once",
-            "--threads",
-            "1",
-            *extra,
-            timeout=240,
-        )
+    def join(k: int, *extra) -> list:
+        state, data = tmp_path / f"site-{k}" / "state", silos[k][0]
+        once = ["--data", data, "--once", "--threads", "1", *extra]
+        return ["ddm-client", "join", *coord.connect_args, "--token", coord.invite(), "--state-dir", state, *once]
 
-    refused = join(2)  # no --dp-epsilon: the lease goes back before any training
+    refused = run(*join(2), timeout=240)  # no --dp-epsilon: the lease goes back before any training
     assert refused.returncode == 2, refused.stderr[-2000:]
     error = refused.stderr.strip().splitlines()[-1]  # after the enrollment's and the lease's notes
     assert error.startswith("error: ") and "signs only experts private to epsilon <= 8" in error
     assert "rejoin with --dp-epsilon 8" in error
     assert [e["state"] for e in coord.status()["experts"]] == ["open"] * EXPERTS
-    islands = [
-        spawn(
-            "ddm-client",
-            "join",
-            *coord.connect_args,
-            "--token",
-            coord.invite(),
-            "--state-dir",
-            tmp_path / f"site-{k}" / "state",
-            "--data",
-            silos[k][0],
-            "--once",
-            "--threads",
-            "1",
-            "--dp-epsilon",
-            "8",
-            "--dp-noise-pairs",
-            "2",
-            label=f"island-{k}",
-        )
-        for k in range(EXPERTS)
-    ]
+    private = ["--dp-epsilon", "8", "--dp-noise-pairs", "2"]
+    islands = [spawn(*join(k, *private), label=f"island-{k}") for k in range(EXPERTS)]
     for island in islands:
         assert island.wait(timeout=240) == 0, island.stderr()[-2000:]
         assert "signed by the coordinator" in island.stderr()
