@@ -65,6 +65,7 @@ def loose_delta(guarantee: dict, delta: float) -> dict:
     return {**loose.to_dict(), "epsilon": loose.accounted_epsilon()}
 
 
+@pytest.mark.slow  # a real server signing two experts and assembling their ensemble
 def test_only_experts_private_to_the_required_epsilon_are_signed(server, tmp_path):
     conn, _ = enroll(server)
     lease = lease_for(conn)
