@@ -137,14 +137,12 @@ def _load(folder: Path, member: Member, device: str):
 def load_verified(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[RoutedEnsemble, Manifest]:
     """The routed ensemble of a folder that ``verified_manifest`` accepts, and its manifest. The
     manifest's shares (uniform when it has none) become the ensemble's p(k) and, with per-class
-    counts, p(k | y): the (classes, experts) table is the transpose of the per-expert counts."""
+    counts, p(k | y) (``RoutedEnsemble.from_shares``)."""
     manifest = verified_manifest(folder, trusted)
     router = _load(folder, manifest.members[0], device)
     experts = [_load(folder, m, device) for m in manifest.members if m.kind == "expert"]
     shares = check_shares(manifest.shares, len(experts))  # checked by Manifest.verified already
-    classes = shares["classes"]
-    class_prior = [list(row) for row in zip(*classes, strict=True)] if classes and classes[0] else None
-    return RoutedEnsemble(experts, router, prior=shares["clusters"], class_prior=class_prior), manifest
+    return RoutedEnsemble.from_shares(experts, router, shares), manifest
 
 
 def load_verified_student(folder: Path, trusted: set[str], device: str = "cpu") -> tuple[torch.nn.Module, Manifest]:

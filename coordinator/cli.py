@@ -166,6 +166,11 @@ def serve(
     insecure: bool = typer.Option(
         False, "--insecure", help="With --no-tls: allow plaintext on a non-loopback address (a trusted network only)."
     ),
+    dashboard: str = typer.Option(
+        None,
+        help="Serve a read-only web dashboard on HOST:PORT (e.g. 127.0.0.1:8080). Loopback: plain HTTP, no login; "
+        "any other address: HTTPS with the TLS certificate, after a login with `invite --role operator`'s token.",
+    ),
 ) -> None:
     """Run the coordinator until interrupted. TLS with the home's certificate unless told otherwise."""
     from protocol.address import is_loopback, split_address
@@ -190,6 +195,12 @@ def serve(
     try:
         h = _home(home)
         tls = None if no_tls else load_server_tls(h, tls_cert, tls_key, client_ca)
+        board = None
+        if dashboard is not None:
+            from .dashboard.server import dashboard_settings
+
+            cert, key = (None, None) if no_tls else (tls_cert or h.tls_cert_path, tls_key or h.tls_key_path)
+            board = dashboard_settings(dashboard, cert, key)
         from .server import CoordinatorServer  # after the checks: it imports torch
 
         server = CoordinatorServer(h, listen, tls)
@@ -203,6 +214,18 @@ def serve(
             soft_wrap=True,
         )
     server.start()
+    web = None
+    if board is not None:
+        from .dashboard.server import DashboardServer
+
+        try:
+            web = DashboardServer(server, board)
+            web.start()
+        except DDMError as exc:
+            server.stop()
+            fail(str(exc))
+        login = "; log in with a token from `ddm-coordinator invite --role operator`" if board.login else ""
+        err_console.print(f"dashboard at {web.url}{login}", highlight=False, soft_wrap=True)
     if tls is None:
         mode = "plaintext"
     elif tls.client_ca is None:
@@ -224,6 +247,8 @@ def serve(
         if stopping:
             return
         stopping.append(signum)
+        if web is not None:
+            web.stop()
         server.stop()
 
     signal.signal(signal.SIGTERM, shutdown)

@@ -17,11 +17,15 @@ from .cli_common import HOME_HELP, fail, opened, out
 
 def invite(
     home: Path = typer.Option(None, help=HOME_HELP),
-    role: str = typer.Option("island", help="island (trains experts) or reader (downloads only)."),
+    role: str = typer.Option(
+        "island",
+        help="island (trains experts), reader (downloads only) or operator (logs into `serve --dashboard`).",
+    ),
     ttl_hours: float = typer.Option(24.0, help="Hours until the token expires."),
     address: str = typer.Option("HOST:50051", help="HOST:PORT islands reach this coordinator at, for the hint."),
 ) -> None:
-    """Print a single-use, expiring invite token (the last line of output), after a command that uses it."""
+    """Print an expiring invite token (the last line of output), after a command that uses it. An
+    island's or reader's token enrolls once; an operator's logs into the dashboard until it expires."""
     from .keys import SigningKey
     from .tls import home_fingerprint
 
@@ -34,6 +38,14 @@ def invite(
     tls = f"--tls-fingerprint {tls_fp}" if tls_fp else "--tls-ca CA.pem"
     if not tls_fp:
         out.print(f"note: {h.root} has no TLS certificate yet; create one with `ddm-coordinator tls`", highlight=False)
+    if role == "operator":
+        out.print(
+            "log into the dashboard (`ddm-coordinator serve --dashboard HOST:PORT`) with this token; it logs in"
+            f" until it expires, in {ttl_hours:g} h, and enrolls nothing:",
+            highlight=False,
+        )
+        print(token)
+        return
     if role == "reader":
         hint = f"ddm-client download --coordinator {address} {tls} --fingerprint {key} --out ensemble/ --token {token}"
     else:
@@ -50,21 +62,46 @@ def status(
     events: int = typer.Option(
         None, min=0, help="Show the last N events of the log (default: 10 in the tables, none in --json)."
     ),
+    watch: bool = typer.Option(False, "--watch", help="Redraw the tables every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between redraws with --watch."),
 ) -> None:
     """Show islands, experts, leases, router and ensemble state, the key fingerprint and the
     latest events (`ddm-coordinator events` shows more)."""
     from .keys import SigningKey
     from .status import build_status, render_status
 
+    if watch and as_json:
+        fail("--watch redraws the tables; it does not go with --json")
     if events is None:
         events = 0 if as_json else 10
     with opened(home) as (h, config, registry):
         fingerprint = SigningKey.load(h.key_path).fingerprint
+        if watch:
+            _watch(lambda: build_status(h, config, registry, fingerprint, events=events), interval)
+            return
         report = build_status(h, config, registry, fingerprint, events=events)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         render_status(report, out)
+
+
+def _watch(build, interval: float) -> None:
+    """`status --watch`: the tables redrawn in place from the registry every ``interval``
+    seconds (a full-screen view, as `top` draws), until Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    from .status import status_view
+
+    with Live(status_view(build()), console=out, screen=out.is_terminal, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(status_view(build()), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 def events(

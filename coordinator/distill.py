@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
-from ddm_model.checkpoint import CheckpointError, load_checkpoint
 from ddm_model.data import ImageDataset
 from ddm_model.distill import (
     DEFAULT_DATA_WEIGHT,
@@ -50,12 +49,12 @@ from ddm_model.dit import DiTConfig
 from ddm_model.errors import DDMError
 from ddm_model.flops import count_flops
 from ddm_model.train import TrainConfig
-from protocol.manifest import Manifest
-from protocol.trust import TrustError, canonical_json, sha256_file
+from protocol.trust import canonical_json
 
 from .assemble import cluster_data
 from .home import Home
 from .keys import SigningKey
+from .published import PublishedError, load_member, verified_manifest
 from .registry import Registry
 from .store import Store
 
@@ -102,19 +101,12 @@ def _distill(home, config, registry, store, key, opts, progress, stop) -> Distil
     if latest is None:
         raise DistillError("no ensemble is published yet; distill once the coordinator has published one")
     try:
-        manifest = Manifest.verified(latest.manifest_json, latest.signature, key.public_bytes, "the published manifest")
-    except TrustError as exc:
-        raise DistillError(f"ensemble {latest.id} does not verify: {exc}") from None
-    teachers, teacher_ids = [], []
-    for m in (m for m in manifest.members if m.kind == "expert"):
-        path = store.path(m.sha256)
-        if not store.has(m.sha256) or sha256_file(path) != m.sha256:
-            raise DistillError(f"the artifact store's copy of {m.name} does not match the signed manifest")
-        try:
-            teachers.append(load_checkpoint(path, expect_kind="expert", expect_config=m.config, device=opts.device)[0])
-        except CheckpointError as exc:
-            raise DistillError(f"{m.name} is signed but not a valid expert: {exc}") from None
-        teacher_ids.append(m.sha256)
+        manifest = verified_manifest(latest, key)
+        experts = [m for m in manifest.members if m.kind == "expert"]
+        teachers = [load_member(store, m, opts.device) for m in experts]
+    except PublishedError as exc:
+        raise DistillError(str(exc)) from None
+    teacher_ids = [m.sha256 for m in experts]
     # A manifest version that already names a student keeps the id of the ensemble it was taught by.
     teacher_ensemble_id = (manifest.student or {}).get("teacher_ensemble_id", manifest.ensemble_id)
 

@@ -74,6 +74,7 @@ class Job:
     grant: Grant
     sent_at: float  # monotonic
     missing_since: float | None = None
+    uploaded: bool = False  # its expert is signed through ddm's port; the reply is still to come
 
 
 @dataclass
@@ -306,11 +307,17 @@ class FlowerRun:
             elif job.missing_since is not None and now - job.missing_since > self.coordinator.config.lease_seconds:
                 why = "the node left the federation"
             else:
-                try:
-                    self.registry.buffered_heartbeat(job.island_id, job.grant.lease_id, 0, math.nan, 0.0)
-                except RegistryError as exc:  # revoked, or the lease was ended from outside
-                    del self.out[message_id]
-                    self._fail(job.node_id, str(exc))
+                if not job.uploaded:
+                    try:
+                        self.registry.buffered_heartbeat(job.island_id, job.grant.lease_id, 0, math.nan, 0.0)
+                    except RegistryError as exc:  # revoked, or the lease was ended from outside ...
+                        if self._signed_by(job):
+                            # ... or completed: the node's upload through ddm's port signed its
+                            # expert before its reply came. The reply settles the job.
+                            job.uploaded = True
+                        else:
+                            del self.out[message_id]
+                            self._fail(job.node_id, str(exc))
                 continue
             del self.out[message_id]
             self._end(job, f"expert {job.grant.expert_id}: {why}")

@@ -130,6 +130,11 @@ class Home:
         return self.root / "work"
 
     @property
+    def samples(self) -> Path:
+        """The dashboard's sample grids, one PNG per published manifest (named by its sha256)."""
+        return self.work / "samples"
+
+    @property
     def damaged(self) -> Path:
         return self.root / "damaged"
 

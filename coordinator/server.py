@@ -34,6 +34,7 @@ log = logging.getLogger("ddm.coordinator")
 REAP_EVERY_S = 1.0  # also how often buffered heartbeats are written
 ORPHANS_EVERY_S = 5.0  # how often a process looks for an assembly whose process ended
 CLEAN_STAGING_EVERY_S = 60.0
+CURVE_RESOLUTION = 500  # points of an expert's training curve kept per lease, at most about
 
 
 class Coordinator:
@@ -51,6 +52,8 @@ class Coordinator:
         self.registry = Registry(
             home.database_url(self.config), lease_seconds=self.config.lease_seconds, clock=self.clock
         )
+        # Training curves keep about CURVE_RESOLUTION points per lease, whatever the run's length.
+        self.registry.curve_every_steps = max(1, self.config.train["steps"] // CURVE_RESOLUTION)
         # SQLite: one process serves a home; released when it ends, however it ends.
         self.lock = None if self.registry.shared else HomeLock(home)
         try:

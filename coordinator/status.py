@@ -13,6 +13,7 @@ import json
 import re
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
@@ -23,6 +24,8 @@ from .tls import home_fingerprint
 
 # Events of reconciliation that a person should see: lost artifacts and what followed.
 FLAG_KINDS = ("artifact_missing", "artifact_damaged", "expert_reopened", "ensemble_withdrawn")
+CURVE_POINTS = 100  # the most points of an expert's training curve that status gives
+TRAINING = ("leased", "training")  # an expert's states while its island trains it
 
 
 def _iso(ts: float | None) -> str | None:
@@ -36,11 +39,18 @@ def build_status(
     snap = registry.snapshot()
     now = registry.clock.now()
     steps = config.train["steps"]
+    rates: dict[str, float] = {}  # island id -> images per second over the experts it trains now
+    for e in snap["experts"]:
+        if e["state"] in TRAINING and e["island_id"] and e["images_per_second"]:
+            rates[e["island_id"]] = rates.get(e["island_id"], 0.0) + e["images_per_second"]
     islands = [
         {
             "id": i["id"],
             "name": i["name"],
             "role": i["role"],
+            # Alive: not revoked, and heard from within a lease's length (a live island beats more often).
+            "alive": i["revoked_at"] is None and now - i["last_seen_at"] <= config.lease_seconds,
+            "images_per_second": rates.get(i["id"]),
             "enrolled": _iso(i["created_at"]),
             "last_seen": _iso(i["last_seen_at"]),
             "seconds_since_seen": round(now - i["last_seen_at"], 1),
@@ -55,6 +65,10 @@ def build_status(
         }
         for i in snap["islands"]
     ]
+    latest_lease = {}  # expert id -> its latest lease's id, whose curve status shows
+    for lease in sorted(snap["leases"], key=lambda lease: lease["issued_at"]):
+        latest_lease[lease["expert_id"]] = lease["id"]
+    curves = registry.curves(list(latest_lease.values()))
     experts = [
         {
             "id": e["id"],
@@ -68,6 +82,8 @@ def build_status(
             "checkpoint_sha256": e["checkpoint_sha256"],
             # A signed expert's differential-privacy guarantee, as its signed entry states it.
             "privacy": json.loads(e["entry_json"]).get("privacy") if e["entry_json"] else None,
+            # (step, loss) from the heartbeats of its latest lease, at most CURVE_POINTS of them.
+            "curve": _thinned(curves.get(latest_lease.get(e["id"]), [])),
         }
         for e in sorted(snap["experts"], key=lambda e: e["id"])
     ]
@@ -85,6 +101,21 @@ def build_status(
     ]
     ensembles = sorted(snap["ensembles"], key=lambda e: e["id"])
     latest = ensembles[-1] if ensembles else None
+    published = []  # every manifest version signed, newest first
+    for e in reversed(ensembles):
+        if e["manifest_json"]:
+            sha = hashlib.sha256(e["manifest_json"]).hexdigest()
+            grid = home.samples / f"{sha}.png"  # the dashboard's samples of it (coordinator/dashboard/samples.py)
+            published.append(
+                {
+                    "id": e["id"],
+                    "state": e["state"],
+                    "experts": e["experts"],
+                    "updated": _iso(e["updated_at"]),
+                    "manifest_sha256": sha,
+                    "sample_grid": grid.name if grid.is_file() else None,
+                }
+            )
     # Steps chosen by a FLOPs share are known once assembly starts (null until then).
     fixed = config.router_share <= 0
     router = {"state": "waiting for experts", "step": 0, "steps": config.router_train["steps"] if fixed else None}
@@ -139,11 +170,20 @@ def build_status(
         "leases": leases,
         "router": router,
         "ensemble": ensemble,
+        "ensembles": published,
         "store": _store(home, registry, snap),
     }
     if events:
         report["events"] = build_events(registry, limit=events)
     return report
+
+
+def _thinned(points: list[tuple[int, float]]) -> list[list]:
+    """At most CURVE_POINTS of ``points``, evenly spread, the first and last among them."""
+    if len(points) > CURVE_POINTS:
+        last = len(points) - 1
+        points = [points[round(k * last / (CURVE_POINTS - 1))] for k in range(CURVE_POINTS)]
+    return [[step, round(loss, 6)] for step, loss in points]
 
 
 def build_events(
@@ -208,15 +248,22 @@ def _store(home: Home, registry: Registry, snap: dict) -> dict:
 
 
 def render_status(status: dict, console: Console) -> None:
+    console.print(status_view(status))
+
+
+def status_view(status: dict) -> Group:
+    """``status`` (``build_status``'s JSON) as rich tables: what `status` prints and `status
+    --watch` redraws. Every string that came from outside (names, reasons, paths) is shown as
+    plain text, never read as markup."""
     c = status["coordinator"]
     data = (
         "siloed: each island trains on its own data, which never leaves it"
         if c["mode"] == "siloed"
-        else f"dataset {c['dataset']} ({c['dataset_fingerprint'][:16]}…)"
+        else f"dataset {escape(c['dataset'])} ({c['dataset_fingerprint'][:16]}…)"
     )
     tls = c.get("tls_fingerprint") or "none (create one with `ddm-coordinator tls`)"
     head = (
-        f"[bold]coordinator[/bold] {c['home']}  key {c['key_fingerprint']}\n"
+        f"[bold]coordinator[/bold] {escape(c['home'])}  key {c['key_fingerprint']}\n"
         f"TLS certificate {tls}\n"
         f"{data}; {c['experts']} experts of preset {c['model_preset']}, {c['steps_per_expert']} steps each"
     )
@@ -227,16 +274,18 @@ def render_status(status: dict, console: Console) -> None:
     if c.get("require_dp_epsilon") is not None:
         head += f"\nsigns only differentially private experts: epsilon <= {c['require_dp_epsilon']:g}"
     islands = Table(title="islands (what each sent, as serialized messages)", title_justify="left")
-    for col in ("island", "name", "role", "access", "last seen", "checkpoint", "heartbeats", "control"):
+    for col in ("island", "name", "role", "access", "last seen", "img/s", "checkpoint", "heartbeats", "control"):
         islands.add_column(col)
     for i in status["islands"]:
         sent = i["sent"]
+        access = "active" if i["alive"] else "[yellow]active, silent[/yellow]"
         islands.add_row(
             i["id"],
-            i["name"],
+            Text(i["name"]),
             i["role"],
-            "[red]revoked[/red]" if i["revoked"] else "active",
+            "[red]revoked[/red]" if i["revoked"] else access,
             f"{i['seconds_since_seen']:.0f} s ago",
+            "" if i["images_per_second"] is None else f"{i['images_per_second']:,.0f}",
             _bytes(sent["checkpoint"]["bytes"]),
             f"{sent['heartbeats']['messages']} ({_bytes(sent['heartbeats']['bytes'])})",
             f"{sent['control']['messages']} ({_bytes(sent['control']['bytes'])})",
@@ -275,15 +324,15 @@ def render_status(status: dict, console: Console) -> None:
         tail += f": {e['reason']}"
     store = status.get("store", {"artifacts": 0, "missing": [], "flagged": []})
     lines = [f"store: {store['artifacts']} artifacts, {len(store['missing'])} missing or damaged"]
-    lines += [f"[red]missing:[/red] {m['kind']} {m['sha256']} ({m['reason']})" for m in store["missing"]]
+    lines += [f"[red]missing:[/red] {m['kind']} {m['sha256']} ({escape(m['reason'])})" for m in store["missing"]]
     lines += [
-        f"[yellow]flagged[/yellow] {f['at']} {f['kind']}: {f.get('sha256', '')[:12]} {f.get('reason', '')}"
+        f"[yellow]flagged[/yellow] {f['at']} {f['kind']}: {f.get('sha256', '')[:12]} {escape(f.get('reason', ''))}"
         for f in store["flagged"]
     ]
-    parts = [head, islands, experts, leases, tail, *lines]
+    parts = [head, islands, experts, leases, Text(tail), *lines]
     if status.get("events"):
         parts.append(_events_table(status["events"], f"last {len(status['events'])} events"))
-    console.print(Group(*parts))
+    return Group(*parts)
 
 
 def _privacy(guarantee: dict | None) -> str:

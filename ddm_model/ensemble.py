@@ -119,6 +119,15 @@ class RoutedEnsemble:
         # Rows each expert has evaluated since the last reset: the cost of routing, measured.
         self.expert_rows = [0] * k
 
+    @classmethod
+    def from_shares(cls, experts: Sequence[Velocity], router: Router | None, shares: dict) -> RoutedEnsemble:
+        """From a manifest's checked shares (``protocol.shares``): its cluster shares as p(k)
+        (uniform when absent) and, with per-class counts (a row of class counts per expert),
+        p(k | y) from the transpose of that table."""
+        classes = shares.get("classes")
+        class_prior = [list(row) for row in zip(*classes, strict=True)] if classes and classes[0] else None
+        return cls(experts, router, prior=shares.get("clusters"), class_prior=class_prior)
+
     def __len__(self) -> int:
         return len(self.experts)
 

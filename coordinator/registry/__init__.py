@@ -15,6 +15,7 @@ from .ensembles import STALE_ASSEMBLY_S, named_by
 from .identities import Identities, Revocation
 from .leases import Grant, NoWork
 from .tables import (
+    INVITE_ROLES,
     ROLES,
     TRAFFIC_COLUMNS,
     UNSIGNED,
@@ -25,6 +26,7 @@ from .tables import (
     Invite,
     Island,
     Lease,
+    Point,
     Upload,
 )
 from .uploads import Uploads
@@ -35,6 +37,7 @@ class Registry(Identities, Uploads):
 
 
 __all__ = [
+    "INVITE_ROLES",
     "ROLES",
     "STALE_ASSEMBLY_S",
     "TRAFFIC_COLUMNS",
@@ -48,6 +51,7 @@ __all__ = [
     "Island",
     "Lease",
     "NoWork",
+    "Point",
     "Registry",
     "RegistryError",
     "Revocation",

@@ -92,6 +92,10 @@ class Core:
         self._write_lock = threading.RLock()
         self._beats: dict[str, tuple] = {}  # lease id -> the newest buffered heartbeat (leases.py)
         self._beats_lock = threading.Lock()
+        # Training curves (leases.py): a point is kept when a lease's step has advanced by at
+        # least this many steps since its last kept point (`serve` sets it from the run's length).
+        self.curve_every_steps = 1
+        self._curve_last: dict[str, int] = {}  # lease id -> the step of its last kept point
 
     @property
     def shared(self) -> bool:

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, select, update
 from .core import RegistryError, iso, secret_hash
 from .ensembles import Ensembles
 from .leases import Leases
-from .tables import ROLES, TRAFFIC_COLUMNS, Invite, Island, Lease, Upload
+from .tables import INVITE_ROLES, ROLES, TRAFFIC_COLUMNS, Invite, Island, Lease, Upload
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Revocation:
 
 class Identities(Leases, Ensembles):
     def create_invite(self, role: str, ttl_seconds: float) -> str:
-        if role not in ROLES:
-            raise RegistryError("invalid_argument", f"unknown role {role!r}; use {' or '.join(ROLES)}")
+        if role not in INVITE_ROLES:
+            raise RegistryError("invalid_argument", f"unknown role {role!r}; use {', '.join(INVITE_ROLES)}")
         token = "ddm_" + secrets.token_urlsafe(24)
         now = self.clock.now()
         with self.transaction() as s:
@@ -56,6 +56,10 @@ class Identities(Leases, Ensembles):
                 raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
             if invite.expires_at < now:
                 raise RegistryError("unauthenticated", "this invite token has expired; ask for a new one")
+            if invite.role not in ROLES:
+                raise RegistryError(
+                    "permission_denied", f"an {invite.role} token logs into the dashboard; it enrolls no island"
+                )
             island_id = uuid.uuid4().hex[:16]
             secret = secrets.token_urlsafe(32)
             island = Island(
@@ -84,6 +88,22 @@ class Identities(Leases, Ensembles):
                 raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
             self.log(s, "enroll", island_id=island_id, name=name[:200], role=invite.role, invite=invite.token_hash[:12])
         return island, f"{island_id}.{secret}"
+
+    def operator_login(self, token: str) -> tuple[str, float]:
+        """Check an operator token (`invite --role operator`) for a dashboard login: it may log
+        in any number of times until it expires. Returns its id (the hash's first 12 hex digits,
+        as the event log names invites) and its expiry; the login is logged."""
+        now = self.clock.now()
+        with self.transaction() as s:
+            invite = s.get(Invite, secret_hash(token))
+            if invite is None or invite.role != "operator":
+                raise RegistryError("unauthenticated", "not an operator token; make one with `invite --role operator`")
+            if invite.expires_at < now:
+                raise RegistryError("unauthenticated", "this operator token has expired; make a new one")
+            if invite.used_at is None:
+                invite.used_at = now
+            self.log(s, "operator_login", invite=invite.token_hash[:12])
+            return invite.token_hash[:12], invite.expires_at
 
     def authenticate(self, island_id: str, secret: str) -> Island | None:
         """The island this credential names, read afresh on every call (nothing is cached, so a

@@ -11,11 +11,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .core import Core, RegistryError, shown
-from .tables import UNSIGNED, Expert, Island, Lease, Upload
+from .tables import UNSIGNED, Expert, Island, Lease, Point, Upload
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,9 @@ class Leases(Core):
             if expert.state == "leased" and step > 0:
                 expert.state = "training"
                 self.log(s, "training", island_id, expert.id, lease_id=lease_id, step=step)
+            points = self._curve_points([(lease_id, step, loss, now)])
+            if points:
+                s.execute(insert(Point), points)
             return lease.deadline_at
 
     def buffered_heartbeat(self, island_id: str, lease_id: str, step: int, loss: float, rate: float) -> float:
@@ -196,12 +199,43 @@ class Leases(Core):
                     ),
                     expert_rows,
                 )
+                points = self._curve_points([(lease_id, b[2], b[3], b[5]) for lease_id, b in beats.items()])
+                if points:
+                    conn.execute(insert(Point.__table__), points)
         except Exception:  # kept for the next flush, unless a newer beat of the same lease came meanwhile
             with self._beats_lock:
                 for lease_id, beat in beats.items():
                     self._beats.setdefault(lease_id, beat)
             raise
         return len(beats)
+
+    def _curve_points(self, beats: list[tuple[str, int, float, float]]) -> list[dict]:
+        """The rows of the training curves that these beats (lease id, step, loss, time) add: a
+        beat with a loss whose step is ``curve_every_steps`` past its lease's last point."""
+        rows = []
+        with self._beats_lock:
+            for lease_id, step, loss, at in beats:
+                last = self._curve_last.get(lease_id)
+                if loss is None or loss != loss or (last is not None and step < last + self.curve_every_steps):
+                    continue
+                self._curve_last[lease_id] = step
+                rows.append({"lease_id": lease_id, "step": step, "loss": loss, "at": at})
+        return rows
+
+    def curves(self, lease_ids: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """The training curve of each of these leases: (step, loss) points, by step."""
+        if not lease_ids:
+            return {}
+        found: dict[str, list[tuple[int, float]]] = {lease_id: [] for lease_id in lease_ids}
+        with self.Session() as s:
+            rows = s.execute(
+                select(Point.lease_id, Point.step, Point.loss).where(Point.lease_id.in_(lease_ids)).order_by(Point.id)
+            ).all()
+        for lease_id, step, loss in rows:
+            found[lease_id].append((step, loss))
+        for points in found.values():
+            points.sort(key=lambda p: p[0])
+        return found
 
     def release_lease(self, island_id: str, lease_id: str, reason: str) -> None:
         with self.transaction() as s:

@@ -16,6 +16,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UNSIGNED = ("leased", "training", "uploading", "uploaded", "verified")
 ROLES = ("island", "reader")
+# What an invite can be for: an identity of a role above, or an operator's login to the
+# dashboard (`invite --role operator`), which enrolls nothing.
+INVITE_ROLES = (*ROLES, "operator")
 # Island columns that count what it sent, by kind: (messages, bytes).
 TRAFFIC_COLUMNS = {
     "checkpoint": ("checkpoint_messages", "checkpoint_message_bytes"),
@@ -73,6 +76,18 @@ class Expert(Base):
     entry_json: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Point(Base):
+    """One point of an expert's training curve under one lease, from its heartbeats: the step
+    and the loss the island reported (a private island's loss is never recorded)."""
+
+    __tablename__ = "points"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lease_id: Mapped[str] = mapped_column(String(32), index=True)
+    step: Mapped[int] = mapped_column(BigInteger)
+    loss: Mapped[float] = mapped_column(Float)
+    at: Mapped[float] = mapped_column(Float)
 
 
 class Lease(Base):
