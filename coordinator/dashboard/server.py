@@ -82,6 +82,7 @@ class DashboardServer:
                 ssl_certfile=settings.cert,
                 ssl_keyfile=settings.key,
                 lifespan="off",
+                ws="none",  # no websockets: the page polls
                 access_log=False,
                 log_level="warning",
                 timeout_graceful_shutdown=2,

@@ -52,14 +52,14 @@ class Identities(Leases, Ensembles):
             invite = s.get(Invite, secret_hash(token))
             if invite is None:
                 raise RegistryError("unauthenticated", "invalid invite token; ask the coordinator for a new one")
-            if invite.used_at is not None:
-                raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
-            if invite.expires_at < now:
-                raise RegistryError("unauthenticated", "this invite token has expired; ask for a new one")
             if invite.role not in ROLES:
                 raise RegistryError(
                     "permission_denied", f"an {invite.role} token logs into the dashboard; it enrolls no island"
                 )
+            if invite.used_at is not None:
+                raise RegistryError("unauthenticated", "this invite token was already used; each token enrolls once")
+            if invite.expires_at < now:
+                raise RegistryError("unauthenticated", "this invite token has expired; ask for a new one")
             island_id = uuid.uuid4().hex[:16]
             secret = secrets.token_urlsafe(32)
             island = Island(
