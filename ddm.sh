@@ -13,6 +13,9 @@
 #   - torch: $TORCH_SPEC when set (e.g. torch==2.13.0+cu128), else the torch already in that
 #     environment, else torch==2.13.0 (the CPU wheel); from $TORCH_INDEX_URL when set (a GPU
 #     build's package index);
+#   - for `test` only: Debian's chromium and chromium-driver, the real browser the dashboard's
+#     test drives, when /usr/bin/chromium or /usr/bin/chromedriver is absent, with apt-get as
+#     root or through sudo; where that cannot be done it says so and goes on (that test skips);
 #   - ddm itself, editable, with its test extra, its latent extra (diffusers, for latent experts)
 #     and its flower extra (flwr, on Python 3.11 and newer; on 3.10 pip skips it and the Flower
 #     tests say they are skipped).
@@ -73,6 +76,22 @@ install_fashion_mnist() {
     have_fashion_mnist && return 0
     fashion_mnist_note
     return 1
+}
+
+have_chromium() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
+
+# The dashboard's browser test drives Debian's chromium; nothing downloads a browser of its own.
+install_chromium() {
+    have_chromium && return 0
+    if command -v apt-get >/dev/null 2>&1 && sudo=$(root_prefix); then
+        say "installing chromium for the dashboard's browser test: ${sudo:+sudo }apt-get install chromium chromium-driver"
+        if $sudo apt-get update -qq; then
+            $sudo apt-get install -y -qq chromium chromium-driver >/dev/null || true
+        fi
+    fi
+    have_chromium && return 0
+    say "chromium or chromedriver is missing (apt-get install chromium chromium-driver); the dashboard's" \
+        "browser test will be skipped; going on"
 }
 
 venv_works() { "$VENV/bin/python" -m pip --version >/dev/null 2>&1; }
@@ -140,5 +159,6 @@ if [ "$verb" = demo ]; then
     exec "$VENV/bin/ddm-coordinator" demo "$@"
 fi
 [ "$noted" = 1 ] || have_fashion_mnist || fashion_mnist_note
+install_chromium
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"
