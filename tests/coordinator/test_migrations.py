@@ -54,8 +54,8 @@ def test_a_new_registry_is_at_the_newest_revision_and_migrate_changes_nothing(da
     registry = Registry(database_url)
     assert schema.revision(registry.engine) is None  # an empty database
     registry.create()
-    assert registry.require_current_schema() == schema.head() == "0002"
-    assert registry.migrate() == ("0002", "0002")
+    assert registry.require_current_schema() == schema.head() == "0003"
+    assert registry.migrate() == ("0003", "0003")
     registry.add_experts([(0, "ab" * 32, "f0")])  # one event: the "init"
     with registry.engine.begin() as conn, pytest.raises(sqlalchemy.exc.DatabaseError, match="append-only"):
         conn.exec_driver_sql("DELETE FROM events")  # the event log's triggers came with the migrations
@@ -87,11 +87,13 @@ def test_migrate_upgrades_the_previous_release_in_place_with_nothing_lost(old_ho
     assert len(before["events"]) == 9 and len(before["islands"]) == 1
     result = coordinator("migrate", "--home", old_home.root)
     assert result.returncode == 0, result.stderr
-    assert "from revision 0001 to 0002" in result.stdout
-    assert tables(old_home.root / "ddm.db") == before  # every row of every table kept
+    assert "from revision 0001 to 0003" in result.stdout
+    after = tables(old_home.root / "ddm.db")
+    assert after.pop("points") == []  # the training curves' table (0003), empty
+    assert after == before  # every row of every table kept
 
     registry = Registry(old_home.database_url(old_home.load_config()))
-    assert registry.require_current_schema() == "0002"
+    assert registry.require_current_schema() == "0003"
     island = registry.authenticate(OLD_ISLAND, OLD_SECRET)  # its credential still works
     assert island is not None and island.name == "old-island"
     assert [(e.state, e.step) for e in registry.experts()] == [("training", 2), ("open", 0)]
@@ -108,6 +110,6 @@ def test_a_registry_from_a_newer_ddm_is_refused(database_url):
     registry.create()
     with registry.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    with pytest.raises(RegistryError, match="revision 9999; this ddm needs revision 0002"):
+    with pytest.raises(RegistryError, match="revision 9999; this ddm needs revision 0003"):
         registry.require_current_schema()
     registry.close()
