@@ -337,13 +337,18 @@ def demo(
     samples: int = typer.Option(1000, min=2, help="Samples for the Fréchet distance (the grid shows 100)."),
     sampling_steps: int = typer.Option(20, min=1, help="ODE steps per sample."),
     seed: int = typer.Option(0, help="Seed for clustering, training and sampling."),
+    dashboard: str = typer.Option(
+        None, help="Serve the coordinator's dashboard on this loopback HOST:PORT while the demo runs."
+    ),
 ) -> None:
     """Run the whole system on this machine: a coordinator on loopback, one island process per
     expert on the built-in digits, then assemble, download, verify and sample."""
     from .demo import DemoSettings, run_demo
 
     try:
-        run_demo(DemoSettings(out_dir, experts, preset, steps, router_steps, routing, samples, sampling_steps, seed))
+        settings = DemoSettings(out_dir, experts, preset, steps, router_steps, routing, samples, sampling_steps, seed)
+        settings.dashboard = dashboard
+        run_demo(settings)
     except (DDMError, OSError) as exc:
         fail(str(exc))
 

@@ -33,7 +33,7 @@ from ddm_model.ensemble import parse_routing
 from ddm_model.errors import DDMError
 from ddm_model.metrics import Evaluator
 from ddm_model.progress import progress_bar
-from protocol.address import split_address
+from protocol.address import is_loopback, split_address
 
 from .bootstrap import InitOptions, init_home
 from .home import Home
@@ -61,6 +61,7 @@ class DemoSettings:
     samples: int = 1000
     sampling_steps: int = 20
     seed: int = 0
+    dashboard: str | None = None  # HOST:PORT (loopback) for `serve --dashboard` while the demo runs
 
 
 def free_port() -> int:
@@ -196,6 +197,13 @@ def follow(home: Home, registry: Registry, procs: Processes, fingerprint: str) -
 def run_demo(s: DemoSettings) -> dict:
     parse_routing(s.routing, s.experts)
     trunk_for(s.preset)
+    if s.dashboard is not None:
+        try:
+            host, _ = split_address(s.dashboard)
+        except ValueError as exc:
+            raise DemoError(f"--dashboard {exc}") from None
+        if not is_loopback(host):
+            raise DemoError(f"--dashboard {s.dashboard}: the demo serves its dashboard on loopback only")
     started = time.perf_counter()
     out = s.out.resolve()
     home = Home(out / "coordinator")
@@ -207,8 +215,13 @@ def run_demo(s: DemoSettings) -> dict:
     address = f"127.0.0.1:{free_port()}"
     registry = Registry(home.database_url(home.load_config()))
     try:
-        coordinator = procs.start("coordinator", cli("coordinator", "serve", "--home", home.root, "--listen", address))
+        serve = ["serve", "--home", home.root, "--listen", address]
+        if s.dashboard is not None:
+            serve += ["--dashboard", s.dashboard]
+        coordinator = procs.start("coordinator", cli("coordinator", *serve))
         wait_ready(address, coordinator)
+        if s.dashboard is not None:
+            console.print(f"dashboard at http://{s.dashboard}/ while the demo runs", highlight=False)
         threads = max(1, (os.cpu_count() or 1) // s.experts)
         connect = ["--coordinator", address, "--tls-fingerprint", tls_fingerprint]
         for k in range(s.experts):

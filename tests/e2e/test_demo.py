@@ -9,6 +9,8 @@ from PIL import Image
 from ddm_model.checkpoint import load_checkpoint
 from protocol.trust import sha256_file
 
+from .conftest import free_port
+
 QUICK = ["--experts", "2", "--preset", "tiny", "--steps", "30", "--router-steps", "30"]
 QUICK += ["--samples", "200", "--sampling-steps", "8"]
 
@@ -60,9 +62,13 @@ def test_demo_runs_the_whole_system_and_resumes(run, tmp_path):
     assert len(unconditional.stderr.strip().splitlines()) == 1, unconditional.stderr
 
     # Run again: the processes find their state, nothing is trained twice, same samples.
-    again = run("ddm-coordinator", "demo", "--out", out, *QUICK)
+    # This time with the dashboard, which the demo's `serve` starts on loopback.
+    board = f"127.0.0.1:{free_port()}"
+    again = run("ddm-coordinator", "demo", "--out", out, *QUICK, "--dashboard", board)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resuming the coordinator" in again.stdout
+    assert f"dashboard at http://{board}/" in again.stdout
+    assert f"dashboard at http://{board}/" in (out / "logs" / "coordinator.log").read_text()  # serve served it
     assert frechet(again.stdout) == fd
     assert "every expert is trained and signed" in (out / "logs" / "island-0.log").read_text()
 
@@ -73,6 +79,8 @@ def test_demo_runs_the_whole_system_and_resumes(run, tmp_path):
         (["--routing", "top9"], "asks for 9 experts"),
         (["--routing", "best"], "unknown routing"),
         (["--preset", "huge"], "unknown model preset"),
+        (["--dashboard", "0.0.0.0:8080"], "loopback only"),
+        (["--dashboard", "8080"], "is not HOST:PORT"),
     ],
 )
 def test_demo_refuses_bad_options_in_one_line_and_writes_nothing(run, tmp_path, args, message):
