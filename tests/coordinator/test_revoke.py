@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def test_revocation_cuts_an_open_upload_stream_and_deletes_its_bytes(server):
     assert server.registry.expert(lease.expert_id).state == "open"
 
 
-def test_revocation_cuts_an_open_download_stream(server):
+def test_revocation_cuts_an_open_download_stream(server, monkeypatch):
     reader, enrolled = enroll(server, role="reader")
     blob = server.home.root / "blob"
     blob.write_bytes(os.urandom(6 * MAX_CHUNK_BYTES))
@@ -131,11 +132,25 @@ def test_revocation_cuts_an_open_download_stream(server):
         from coordinator.registry import Artifact
 
         s.get(Artifact, sha).published = True
+    # The server streams ahead of what the reader has taken (gRPC's flow-control window holds
+    # several chunks): it reads the second chunk only once the revocation is committed, or it
+    # could send every chunk before the revocation lands and the stream would end whole.
+    revocation_done = threading.Event()
+    read = server.store.read
+
+    def read_the_rest_after_the_revocation(*args):
+        blocks = read(*args)
+        yield next(blocks)
+        assert revocation_done.wait(30), "the reader never revoked"
+        yield from blocks
+
+    monkeypatch.setattr(server.store, "read", read_the_rest_after_the_revocation)
     received = 0
     with pytest.raises(ClientError) as err:
         for piece in reader.stream_out("Download", pb.DownloadRequest(sha256=sha), timeout=60):
             if received == 0:
                 server.registry.revoke(enrolled.island_id, "leaked key")
+                revocation_done.set()
             received += len(piece.data)
     revoked(err, "leaked key")
     assert 0 < received < size
