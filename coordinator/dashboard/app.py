@@ -22,9 +22,8 @@ from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,7 +34,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "ddm_dashboard"
 SESSION_SECONDS = 12 * 3600  # a login lasts this long at most (and never past its token's expiry)
 MAX_LOGIN_BODY = 4096
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 LOGOUT = '<form method="post" action="/logout" id="logout"><button type="submit">log out</button></form>'
 HEADERS = {
     "content-security-policy": (
@@ -110,7 +109,30 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def create_app(data: DashboardData, logins: Logins | None, tls: bool, hosts: list[str] | None = None) -> Starlette:
+class RequireHost:
+    """Refuses (400) a request whose Host header names none of ``hosts`` (any port): what a
+    page of another site sends when its name has been rebound to this address. IPv6 hosts are
+    written in brackets, as in URLs."""
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...]):
+        self.app = app
+        self.hosts = {h.lower() for h in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            host = header[: header.find("]") + 1] if header.startswith("[") else header.split(":", 1)[0]
+            if host not in self.hosts:
+                await PlainTextResponse("this dashboard answers to a loopback name only", status_code=400)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    data: DashboardData, logins: Logins | None, tls: bool, hosts: tuple[str, ...] | None = None
+) -> Starlette:
     """The dashboard over ``data``; ``logins``: None serves without a login (loopback only);
     ``hosts``: the Host names requests must carry (None: any)."""
 
@@ -199,5 +221,5 @@ def create_app(data: DashboardData, logins: Logins | None, tls: bool, hosts: lis
     ]
     middleware = [Middleware(SecurityHeaders, tls=tls)]
     if hosts is not None:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
+        middleware.append(Middleware(RequireHost, hosts=hosts))
     return Starlette(routes=routes, middleware=middleware)

@@ -149,7 +149,10 @@ def test_other_sites_can_neither_read_frame_nor_rebind_to_it_and_nothing_changes
         assert headers["cache-control"] == "no-store"
     # A page of another site whose name resolves to 127.0.0.1 sends its own name as the Host.
     assert request(board, "/api/status", host=f"evil.example:{board.port}")[0] == 400
-    assert request(board, "/api/status", host=f"localhost:{board.port}")[0] == 200
+    assert request(board, "/api/status", host=f"evil.example.127.0.0.1:{board.port}")[0] == 400
+    for name in ("localhost", "127.0.0.1", "[::1]", "LOCALHOST"):
+        assert request(board, "/api/status", host=f"{name}:{board.port}")[0] == 200, name
+    assert request(board, "/api/status", host="[::1]")[0] == 200
     # No route changes anything: other methods are refused, a path outside the grids is not served.
     for method, path in (("POST", "/api/status"), ("PUT", "/"), ("DELETE", "/api/events"), ("POST", "/")):
         assert request(board, method=method, path=path, body="x")[0] == 405
