@@ -138,23 +138,25 @@ function drawExperts(experts) {
   );
 }
 
+const ENDED_LEASES = 20; // ended leases shown beside the active ones, newest first
+
 function drawLeases(leases) {
+  const newest = leases.slice().reverse();
+  const shown = newest.filter((l) => l.state === "active");
+  shown.push(...newest.filter((l) => l.state !== "active").slice(0, ENDED_LEASES));
   fill(
     "leases",
-    leases
-      .slice()
-      .reverse()
-      .map((l) =>
-        el(
-          "tr",
-          {},
-          el("td", { class: "mono" }, l.id),
-          el("td", {}, String(l.expert_id)),
-          el("td", {}, islandName(l.island_id)),
-          el("td", {}, l.state),
-          el("td", {}, l.seconds_left !== null ? `in ${Math.round(l.seconds_left)} s` : l.deadline),
-        ),
+    shown.map((l) =>
+      el(
+        "tr",
+        {},
+        el("td", { class: "mono" }, l.id),
+        el("td", {}, String(l.expert_id)),
+        el("td", {}, islandName(l.island_id)),
+        el("td", {}, l.state),
+        el("td", {}, l.seconds_left !== null ? `in ${Math.round(l.seconds_left)} s` : l.deadline),
       ),
+    ),
   );
 }
 
