@@ -69,14 +69,30 @@ def require() -> None:
 
 
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new empty database for one test; yields its SQLAlchemy URL and drops it afterwards."""
+def fresh_database(template: str | None = None) -> Iterator[str]:
+    """A new database for one test, empty or, given the SQLAlchemy URL of another database, a copy
+    of it (CREATE DATABASE ... TEMPLATE: nothing may be connected to that one meanwhile); yields
+    its SQLAlchemy URL and drops it afterwards."""
     require()
+    from sqlalchemy.engine import make_url
+
     name = f"ddm_test_{uuid.uuid4().hex[:16]}"
+    copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
     with connect() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
     try:
         yield url(name)
     finally:
         with connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def copy_database(source_url: str, target_url: str) -> None:
+    """Make the database of ``target_url`` again, as a copy of the one of ``source_url`` (dropped
+    first WITH (FORCE) if it exists; nothing may be connected to the source meanwhile)."""
+    from sqlalchemy.engine import make_url
+
+    source, target = make_url(source_url).database, make_url(target_url).database
+    with connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')

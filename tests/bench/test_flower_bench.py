@@ -22,7 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_bench_publishes_verifies_and_reports(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "bench/flower.py"), "--quick", "--ways", "port", "--out", str(out)]
-    env = {**os.environ, "COLUMNS": "200"}
+    # One torch thread in every process it starts (unless OMP_NUM_THREADS says otherwise): the
+    # ServerApp trains the router beside the nodes, and extra threads on a busy small machine
+    # slow the run several times over (see tests/e2e/conftest.process_env).
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([*command, "--timeout", "300"], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "flower.md").read_text()

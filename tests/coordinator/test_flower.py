@@ -113,6 +113,16 @@ class LocalGrid(Grid):
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread: the nodes train side by side in this process's threads, and a second
+    intra-op thread each on a small, often busy machine slows them several times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     """What a SuperExec sets in the process that runs an app: messages are stamped with it."""
     from flwr.supercore.task_identity import TaskIdentity

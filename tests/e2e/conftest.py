@@ -27,12 +27,23 @@ def cli(name: str) -> list[str]:
 @pytest.fixture
 def run():
     def run(name, *args, cwd=None, timeout=300):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
         return subprocess.run(
-            [*cli(name), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+            [*cli(name), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=process_env(), timeout=timeout
         )
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread for what a test computes in this process, as its child processes have
+    (see process_env)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # -- real coordinator and island processes ------------------------------------------------------
@@ -40,6 +51,14 @@ def run():
 
 def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+def process_env() -> dict:
+    """child_env for the tests' own processes: one torch thread each unless OMP_NUM_THREADS says
+    otherwise. The models here are tiny and the tests run several processes at once on a small
+    machine, often beside other work: a second spinning thread per process gains little when the
+    machine is idle and slows a process several times over when it is not."""
+    return {**child_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def free_port() -> int:
@@ -122,7 +141,7 @@ def spawn(tmp_path):
                 stdout=fo,
                 stderr=fe,
                 stdin=subprocess.DEVNULL,
-                env={**child_env(), **(env or {})},
+                env={**process_env(), **(env or {})},
             )
         child = Child(popen, out, err)
         children.append(child)
@@ -210,11 +229,27 @@ class Coordinator:
     def log(self) -> str:
         return self.proc.stderr() if self.proc else ""
 
-    def invite(self, role: str = "island") -> str:
-        result = self._run("ddm-coordinator", "invite", "--home", self.home, "--role", role)
-        assert result.returncode == 0, result.stderr
-        token = result.stdout.strip().splitlines()[-1]
-        assert token.startswith("ddm_"), result.stdout
+    def invite(self, role: str = "island", cli: bool = False) -> str:
+        """A single-use invite token for ``role``, made by the home's registry in this process as
+        `ddm-coordinator invite` makes it (a process per invite takes a second or more on a busy
+        machine); ``cli``: by the real command, whose last line of output is the token."""
+        if cli:
+            result = self._run("ddm-coordinator", "invite", "--home", self.home, "--role", role)
+            assert result.returncode == 0, result.stderr
+            token = result.stdout.strip().splitlines()[-1]
+            assert token.startswith("ddm_"), result.stdout
+            return token
+        from coordinator.home import Home
+        from coordinator.registry import Registry
+
+        home = Home(self.home)
+        config = home.load_config()
+        registry = Registry(home.database_url(config), lease_seconds=config.lease_seconds)
+        try:
+            token = registry.create_invite(role, 24 * 3600)  # the command's default --ttl-hours
+        finally:
+            registry.close()
+        assert token.startswith("ddm_"), token
         return token
 
     def status(self) -> dict:
@@ -243,19 +278,32 @@ class Coordinator:
             con.close()
 
 
+def init_home(home: Path, *init_args) -> tuple[str, str]:
+    """Init ``home`` with the real `ddm-coordinator init`; returns the fingerprints it printed: the
+    signing key's (its last line) and the TLS certificate's."""
+    result = subprocess.run(
+        [*cli("ddm-coordinator"), "init", "--home", str(home), *map(str, init_args)],
+        capture_output=True,
+        text=True,
+        env=process_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    fingerprint = lines[-1]
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64, result.stdout
+    tls_fingerprint = next(line.split(": ", 1)[1] for line in lines if line.startswith(TLS_LINE))
+    assert tls_fingerprint.startswith("sha256:") and len(tls_fingerprint) == 7 + 64, result.stdout
+    return fingerprint, tls_fingerprint
+
+
 @pytest.fixture
 def coordinator(tmp_path, run, spawn):
     """``coordinator(*init_args)``: init a home with the real CLI and serve it on a free port."""
 
     def make(*init_args, serve: bool = True) -> Coordinator:
         home = tmp_path / "home"
-        result = run("ddm-coordinator", "init", "--home", home, *init_args)
-        assert result.returncode == 0, result.stderr[-2000:]
-        lines = result.stdout.strip().splitlines()
-        fingerprint = lines[-1]
-        assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64, result.stdout
-        tls_fingerprint = next(line.split(": ", 1)[1] for line in lines if line.startswith(TLS_LINE))
-        assert tls_fingerprint.startswith("sha256:") and len(tls_fingerprint) == 7 + 64, result.stdout
+        fingerprint, tls_fingerprint = init_home(home, *init_args)
         coord = Coordinator(home, fingerprint, tls_fingerprint, run, spawn)
         if serve:
             coord.start()

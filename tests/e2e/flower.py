@@ -77,9 +77,15 @@ class Federation:
     RSS_EVERY = 0.1  # seconds between two samples of the SuperLink's memory
 
     def __init__(
-        self, workdir: Path, node_configs: list[dict], venv_bin: Path | None = None, database: str = IN_MEMORY
+        self,
+        workdir: Path,
+        node_configs: list[dict],
+        venv_bin: Path | None = None,
+        database: str = IN_MEMORY,
+        env: dict | None = None,
     ):
         self.workdir = Path(workdir)
+        self.extra_env = dict(env or {})  # added to every process's environment (OMP_NUM_THREADS, ...)
         self.logs = self.workdir / "logs"
         self.node_configs = node_configs
         self.bin = Path(venv_bin or Path(sys.executable).parent)
@@ -108,6 +114,7 @@ class Federation:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "COLUMNS": "200",
+            **self.extra_env,
         }
 
     def _spawn(self, name: str, *args: str) -> psutil.Popen:

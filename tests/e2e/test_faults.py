@@ -35,7 +35,7 @@ from protocol import ddm_pb2 as pb
 from protocol.limits import DEFAULT_CHUNK_BYTES
 from protocol.trust import verify_signature
 
-from .conftest import sha256_of, wait_for
+from .conftest import Coordinator, init_home, sha256_of, wait_for
 
 CHUNK = DEFAULT_CHUNK_BYTES
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -75,7 +75,11 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
     coord = coordinator("--experts", "2", "--preset", "tiny", "--steps", "30", "--router-steps", "30")
     states = [tmp_path / f"island-{i}" for i in range(2)]
     islands = [
-        spawn("ddm-client", *join_args(coord, state, "--token", coord.invite(), "--name", f"n{i}"), label=f"island-{i}")
+        spawn(
+            "ddm-client",
+            *join_args(coord, state, "--token", coord.invite(cli=True), "--name", f"n{i}"),
+            label=f"island-{i}",
+        )
         for i, state in enumerate(states)
     ]
     for island in islands:
@@ -117,10 +121,11 @@ def test_two_islands_complete_an_ensemble(coordinator, spawn, run, tmp_path):
         assert by_id[iid]["role"] == "island"
         assert by_id[iid]["bytes_received"] == signed.stat().st_size > 0
 
-    # A reader downloads the ensemble, pinning the key printed by init, and samples it.
+    # A reader downloads the ensemble, pinning the key printed by init, and samples it. (This
+    # test's invites come from `ddm-coordinator invite` itself; the others' from the registry.)
     ensemble = tmp_path / "ensemble"
     download = ["download", *coord.connect_args]
-    reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+    reader = ["--token", coord.invite("reader", cli=True), "--state-dir", tmp_path / "reader"]
     got = run("ddm-client", *download, "--out", ensemble, "--fingerprint", coord.fingerprint, *reader)
     assert got.returncode == 0, got.stderr[-3000:]
     for e in experts:
@@ -236,6 +241,24 @@ def checkpoint_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("checkpoints")
 
 
+@pytest.fixture(scope="module")
+def s4_home(tmp_path_factory) -> tuple[Path, str, str]:
+    """A home for the S/4 uploads, made once by the real `ddm-coordinator init`: (home, signing
+    key fingerprint, TLS certificate fingerprint). Tests 3 and 4 each serve a copy of it."""
+    home = tmp_path_factory.mktemp("s4") / "home"
+    return (home, *init_home(home, *S4_UPLOAD))
+
+
+@pytest.fixture
+def s4_coordinator(s4_home, tmp_path, run, spawn) -> Coordinator:
+    """A served copy of the S/4 home, as the ``coordinator`` fixture serves the home it inits."""
+    template, fingerprint, tls_fingerprint = s4_home
+    shutil.copytree(template, tmp_path / "home")
+    coord = Coordinator(tmp_path / "home", fingerprint, tls_fingerprint, run, spawn)
+    coord.start()
+    return coord
+
+
 def _train(lease: pb.Lease, data, checkpoint_dir: Path) -> Path:
     """Train the lease's expert with its own configs and export it. Training is deterministic, so
     a lease with the same configs, cluster and data reuses the file (tests 3 and 4 share it)."""
@@ -281,8 +304,8 @@ def _settled_offset(conn: Connection, upload_id: str) -> pb.UploadState:
 
 
 @pytest.mark.slow
-def test_interrupted_upload_resumes_from_the_committed_offset(coordinator, tmp_path, checkpoint_dir):
-    coord = coordinator(*S4_UPLOAD)
+def test_interrupted_upload_resumes_from_the_committed_offset(s4_coordinator, tmp_path, checkpoint_dir):
+    coord = s4_coordinator
     identity, lease, path = _island_with_checkpoint(coord, tmp_path, checkpoint_dir)
     size, digest = path.stat().st_size, sha256_of(path)
     chunks = math.ceil(size / CHUNK)
@@ -335,8 +358,8 @@ def test_interrupted_upload_resumes_from_the_committed_offset(coordinator, tmp_p
 
 
 @pytest.mark.slow
-def test_coordinator_killed_mid_upload_loses_no_committed_data(coordinator, tmp_path, checkpoint_dir):
-    coord = coordinator(*S4_UPLOAD)
+def test_coordinator_killed_mid_upload_loses_no_committed_data(s4_coordinator, tmp_path, checkpoint_dir):
+    coord = s4_coordinator
     identity, lease, path = _island_with_checkpoint(coord, tmp_path, checkpoint_dir)
     size, digest = path.stat().st_size, sha256_of(path)
     chunks = math.ceil(size / CHUNK)

@@ -1,14 +1,17 @@
 """A ddm ensemble trained over a real Flower federation on loopback: a SuperLink, two SuperNodes
 (each with its own silo in --node-config), and `flwr run` of the app `ddm-coordinator
 flower-app` writes; then a reader downloads the ensemble from `ddm-coordinator serve`, verifies
-it and samples it. Siloed mode: no image of a silo ever reaches the coordinator's home."""
+it and samples it. Siloed mode: no image of a silo ever reaches the coordinator's home.
+
+One federation serves the module (starting one takes seconds): each test runs its own `flwr
+run` on it, for a coordinator home of its own; the last one stops a SuperNode."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from tests.e2e.conftest import free_port, wait_for  # noqa: E402
 from tests.e2e.flower import Federation  # noqa: E402
 
 STEPS = 30
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every process of the federation: see tests/e2e/conftest.process_env
 
 
 def silos(root) -> list:
@@ -38,9 +42,37 @@ def silos(root) -> list:
     return made
 
 
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> list:
+    return silos(tmp_path_factory.mktemp("sites"))
+
+
+@pytest.fixture(scope="module")
+def shared_federation(sites):
+    """A SuperLink and two SuperNodes, each with its own silo and state folder. When a run offers
+    ddm's port, site 0 uploads through it and site 1 still answers with its checkpoint inside the
+    Flower reply; a run that offers no port gets both checkpoints in the replies."""
+    root = sites[0][0].parents[2]
+    nodes = [{"data-dir": str(path), "state-dir": str(path.parent.parent / "state"), "threads": 1} for path, _ in sites]
+    nodes[1]["upload"] = "reply"
+    with Federation(root / "flower", nodes, env=ONE_THREAD) as started:
+        yield started
+
+
+@pytest.fixture
+def federation(shared_federation):
+    """The module's federation, its sites' state folders emptied between runs: a run finds no
+    resume state or finished checkpoint of an earlier test's run (a node would resume an expert
+    of the same model and data from it, or answer with it), as a federation of its own would."""
+    for node in shared_federation.node_configs:
+        shutil.rmtree(node["state-dir"], ignore_errors=True)
+    return shared_federation
+
+
 @pytest.mark.slow
-def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_samples(coordinator, run, tmp_path):
-    sites = silos(tmp_path)
+def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_samples(
+    coordinator, run, tmp_path, sites, federation
+):
     coord = coordinator(
         "--mode",
         "siloed",
@@ -66,21 +98,9 @@ def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_sa
 
     # Site 0 uploads through ddm's port, which the ServerApp serves for this run (TLS, pinned
     # through the Flower message); site 1 answers with its checkpoint inside the Flower reply.
-    nodes = [
-        {"data-dir": str(sites[0][0]), "state-dir": str(tmp_path / "site-0" / "state"), "threads": 1},
-        {
-            "data-dir": str(sites[1][0]),
-            "state-dir": str(tmp_path / "site-1" / "state"),
-            "threads": 1,
-            "upload": "reply",
-        },
-    ]
-    started = time.monotonic()
-    with Federation(tmp_path / "flower", nodes) as federation:
-        result = federation.run(app, {"poll-s": 0.5, "listen": f"127.0.0.1:{free_port()}"}, timeout=300)
-        peak = federation.superlink_peak_rss()
-    took = time.monotonic() - started
-    print(f"flower run {result.seconds:.1f} s ({took:.1f} s with the federation), SuperLink peak {peak >> 20} MiB")
+    result = federation.run(app, {"poll-s": 0.5, "listen": f"127.0.0.1:{free_port()}"}, timeout=300)
+    peak = federation.superlink_peak_rss()
+    print(f"flower run {result.seconds:.1f} s, SuperLink peak {peak >> 20} MiB")
     assert "published ensemble" in result.logs, result.logs[-3000:]
 
     status = coord.status()
@@ -121,11 +141,11 @@ def test_a_flower_federation_trains_a_ddm_ensemble_that_a_reader_verifies_and_sa
 
 
 @pytest.mark.slow
-def test_a_site_that_stops_mid_training_loses_its_expert_to_the_other_site(coordinator, run, tmp_path):
+def test_a_site_that_stops_mid_training_loses_its_expert_to_the_other_site(coordinator, run, tmp_path, federation):
     """A SuperNode stopped while it trains: its lease is released (the SuperLink answers the
     node's message with Flower's "Node Unavailable", or the ServerApp finds the node gone past
-    the home's lease time), and the site still there trains that expert too."""
-    sites = silos(tmp_path)
+    the home's lease time), and the site still there trains that expert too. (It stops site 1 of
+    the module's federation: the module's last test.)"""
     coord = coordinator(
         "--mode", "siloed", "--image-size", "8", "--channels", "1", "--experts", "2", "--preset", "tiny",
         "--steps", "200", "--router-steps", "10", "--router-samples", "64",
@@ -134,23 +154,22 @@ def test_a_site_that_stops_mid_training_loses_its_expert_to_the_other_site(coord
     app = tmp_path / "flower-app"
     made = run("ddm-coordinator", "flower-app", app, "--home", coord.home, "--wait-for-nodes-s", "60")
     assert made.returncode == 0, made.stderr
-    nodes = [{"data-dir": str(path), "state-dir": str(path.parent.parent / "state"), "threads": 1} for path, _ in sites]
-    with Federation(tmp_path / "flower", nodes) as federation:
-        gone = federation.node_ids[1]
+    # No `listen`: this run offers no port, so both sites answer inside the Flower reply.
+    gone = federation.node_ids[1]
 
-        def stop_a_site_once_both_train() -> None:
-            wait_for(
-                lambda: [r["state"] for r in coord.db("SELECT state FROM experts")] == ["leased"] * 2,
-                120,
-                "both experts to be leased",
-                every=0.2,
-            )
-            federation.kill_node(1, signal.SIGTERM)
+    def stop_a_site_once_both_train() -> None:
+        wait_for(
+            lambda: [r["state"] for r in coord.db("SELECT state FROM experts")] == ["leased"] * 2,
+            120,
+            "both experts to be leased",
+            every=0.2,
+        )
+        federation.kill_node(1, signal.SIGTERM)
 
-        stopper = threading.Thread(target=stop_a_site_once_both_train)
-        stopper.start()
-        result = federation.run(app, {"poll-s": 0.5}, timeout=300)
-        stopper.join()
+    stopper = threading.Thread(target=stop_a_site_once_both_train)
+    stopper.start()
+    result = federation.run(app, {"poll-s": 0.5}, timeout=300)
+    stopper.join()
     assert "published ensemble" in result.logs, result.logs[-3000:]
     assert f"flower node {gone} gets no more work in this run" in result.logs
     status = coord.status()

@@ -10,18 +10,22 @@
 
 Real processes throughout: `ddm-coordinator init/serve`, `ddm-client join/download`, the real
 PostgreSQL cluster (tests/postgres.py: skipped when it is unreachable, failed under
-DDM_REQUIRE_POSTGRES=1).
+DDM_REQUIRE_POSTGRES=1). `init` runs once for the module: each test serves a fresh copy of its
+home folder and of its database.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests import postgres
 
-from .conftest import Coordinator, sha256_of, wait_for
+from .conftest import Coordinator, init_home, sha256_of, wait_for
 from .intact import assert_intact
 from .proxy import Proxy
 
@@ -30,6 +34,37 @@ INIT = [
     "--heartbeat-seconds", "1", "--lease-seconds", "20",
 ]  # fmt: skip
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class Template:
+    home: Path  # made by `init`, never served
+    database: str  # the URL its config names, which every copy of the home names too
+    pristine: str  # a copy of that database as `init` left it
+    fingerprint: str  # the signing key's
+    tls_fingerprint: str
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Template:
+    """A home on PostgreSQL, made once by the real `ddm-coordinator init`."""
+    home = tmp_path_factory.mktemp("processes") / "home"
+    with postgres.fresh_database() as url:
+        fingerprint, tls_fingerprint = init_home(home, *INIT, "--database", url)
+        assert json.loads((home / "config.json").read_text())["database_url"] == url
+        with postgres.fresh_database(template=url) as pristine:
+            yield Template(home, url, pristine, fingerprint, tls_fingerprint)
+
+
+@pytest.fixture
+def coord(template, tmp_path, run, spawn) -> Coordinator:
+    """A copy of the template home, on the template's database made again as `init` left it;
+    not yet served (each test starts its own `serve` processes)."""
+    home = tmp_path / "home"
+    shutil.copytree(template.home, home)
+    postgres.copy_database(template.pristine, template.database)
+    made = Coordinator(home, template.fingerprint, template.tls_fingerprint, run, spawn)
+    return on_postgres(made, template.database)
 
 
 def on_postgres(coord: Coordinator, url: str) -> Coordinator:
@@ -59,7 +94,8 @@ def published(coord: Coordinator) -> list[dict]:
 
 
 def download(run, coord: Coordinator, address: str, tmp_path, manifest: dict) -> None:
-    reader = ["--token", coord.invite("reader"), "--state-dir", tmp_path / "reader"]
+    # This invite comes from `ddm-coordinator invite` itself, on PostgreSQL; the islands' from the registry.
+    reader = ["--token", coord.invite("reader", cli=True), "--state-dir", tmp_path / "reader"]
     out = tmp_path / "ensemble"
     args = ["--coordinator", address, "--tls-fingerprint", coord.tls_fingerprint, "--fingerprint", coord.fingerprint]
     got = run("ddm-client", "download", *args, "--out", out, *reader)
@@ -78,8 +114,7 @@ def finished(islands: list, coord: Coordinator, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_islands_spread_over_two_processes_train_and_publish_once(coordinator, run, spawn, postgres_url, tmp_path):
-    coord = on_postgres(coordinator(*INIT, "--database", postgres_url, serve=False), postgres_url)
+def test_islands_spread_over_two_processes_train_and_publish_once(coord, run, spawn, tmp_path):
     first, second = process(coord, "serve-a", run, spawn), process(coord, "serve-b", run, spawn)
     first.start(env=ONE_THREAD)
     second.start(env=ONE_THREAD)  # a SQLite home would refuse a second process; this one serves beside it
@@ -103,8 +138,7 @@ def test_islands_spread_over_two_processes_train_and_publish_once(coordinator, r
 
 
 @pytest.mark.slow
-def test_a_run_completes_through_the_others_when_processes_are_killed(coordinator, run, spawn, postgres_url, tmp_path):
-    coord = on_postgres(coordinator(*INIT, "--database", postgres_url, serve=False), postgres_url)
+def test_a_run_completes_through_the_others_when_processes_are_killed(coord, run, spawn, tmp_path):
     uploading = process(coord, "serve-uploading", run, spawn)
     assembling = process(coord, "serve-assembling", run, spawn)
     survivor = process(coord, "serve-survivor", run, spawn)
