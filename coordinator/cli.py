@@ -168,8 +168,8 @@ def serve(
     ),
     dashboard: str = typer.Option(
         None,
-        help="Serve a read-only web dashboard on HOST:PORT (e.g. 127.0.0.1:8080). Loopback: plain HTTP, no login; "
-        "any other address: HTTPS with the TLS certificate, after a login with `invite --role operator`'s token.",
+        help="Serve a read-only web dashboard on HOST:PORT (a PORT alone: on 127.0.0.1). Loopback: plain HTTP, no "
+        "login; any other address: HTTPS with the TLS certificate and a login with `invite --role operator`'s token.",
     ),
 ) -> None:
     """Run the coordinator until interrupted. TLS with the home's certificate unless told otherwise."""
@@ -338,7 +338,7 @@ def demo(
     sampling_steps: int = typer.Option(20, min=1, help="ODE steps per sample."),
     seed: int = typer.Option(0, help="Seed for clustering, training and sampling."),
     dashboard: str = typer.Option(
-        None, help="Serve the coordinator's dashboard on this loopback HOST:PORT while the demo runs."
+        None, help="Serve the coordinator's dashboard on this loopback HOST:PORT (or PORT) while the demo runs."
     ),
 ) -> None:
     """Run the whole system on this machine: a coordinator on loopback, one island process per

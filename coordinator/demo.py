@@ -198,6 +198,9 @@ def run_demo(s: DemoSettings) -> dict:
     parse_routing(s.routing, s.experts)
     trunk_for(s.preset)
     if s.dashboard is not None:
+        from .dashboard.server import loopback_default
+
+        s.dashboard = loopback_default(s.dashboard)
         try:
             host, _ = split_address(s.dashboard)
         except ValueError as exc:

@@ -43,9 +43,15 @@ class DashboardSettings:
         return "https" if self.cert else "http"
 
 
+def loopback_default(address: str) -> str:
+    """A dashboard address: a port alone means that port on 127.0.0.1."""
+    return f"127.0.0.1:{address}" if address.isdigit() else address
+
+
 def dashboard_settings(address: str, cert: Path | None, key: Path | None) -> DashboardSettings:
-    """``--dashboard HOST:PORT`` as `serve` will serve it: ``cert``/``key`` are the files the
-    gRPC server's TLS comes from (None with --no-tls)."""
+    """``--dashboard HOST:PORT`` (a PORT alone: on 127.0.0.1) as `serve` will serve it:
+    ``cert``/``key`` are the files the gRPC server's TLS comes from (None with --no-tls)."""
+    address = loopback_default(address)
     try:
         host, port = split_address(address)
     except ValueError as exc:

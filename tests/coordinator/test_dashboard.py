@@ -174,8 +174,9 @@ def test_off_loopback_it_needs_tls_and_an_operator_login(server, login_board, tm
     cert, key = server.home.tls_cert_path, server.home.tls_key_path
     assert dashboard_settings("0.0.0.0:8080", cert, key).login
     assert not dashboard_settings("[::1]:8080", cert, key).login  # loopback: no login
+    assert dashboard_settings("8080", cert, key) == DashboardSettings("127.0.0.1", 8080, login=False)  # a port alone
     with pytest.raises(DashboardError):
-        dashboard_settings("8080", cert, key)
+        dashboard_settings("localhost", cert, key)
 
     web = login_board
     assert request(web, "/api/status")[0] == 401

@@ -80,7 +80,7 @@ def test_demo_runs_the_whole_system_and_resumes(run, tmp_path):
         (["--routing", "best"], "unknown routing"),
         (["--preset", "huge"], "unknown model preset"),
         (["--dashboard", "0.0.0.0:8080"], "loopback only"),
-        (["--dashboard", "8080"], "is not HOST:PORT"),
+        (["--dashboard", "localhost"], "is not HOST:PORT"),
     ],
 )
 def test_demo_refuses_bad_options_in_one_line_and_writes_nothing(run, tmp_path, args, message):
