@@ -175,6 +175,7 @@ def wait_published(server, timeout=60.0):
     return published
 
 
+@pytest.mark.slow  # trains three experts and assembles the ensemble twice
 def test_exclude_republishes_the_ensemble_without_the_island(server, tmp_path):
     holders = sign_all(server, tmp_path)
     first = wait_published(server)
