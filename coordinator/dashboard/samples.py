@@ -20,12 +20,9 @@ from ddm_model.errors import DDMError
 from ddm_model.grid import save_grid
 from ddm_model.recipe import generate
 
-from ..home import CoordinatorConfig, Home
-from ..keys import SigningKey
 from ..latents import home_autoencoder
 from ..published import load_ensemble, verified_manifest
-from ..registry import Registry
-from ..store import Store
+from ..server import Coordinator
 
 log = logging.getLogger("ddm.coordinator.dashboard")
 GRID_SAMPLES = 36
@@ -34,16 +31,10 @@ CHECK_EVERY_S = 2.0  # how often the thread looks for a new publication
 
 
 class SampleGrids:
-    def __init__(
-        self,
-        home: Home,
-        config: CoordinatorConfig,
-        registry: Registry,
-        store: Store,
-        key: SigningKey,
-        every: float = CHECK_EVERY_S,
-    ):
-        self.home, self.config, self.registry, self.store, self.key = home, config, registry, store, key
+    def __init__(self, coordinator: Coordinator, every: float = CHECK_EVERY_S):
+        """The grids of ``coordinator``'s publications: its home, registry, store and key."""
+        c = coordinator
+        self.home, self.config, self.registry, self.store, self.key = c.home, c.config, c.registry, c.store, c.key
         self.every = every
         self._failed: set[str] = set()  # manifests whose grid could not be drawn: not tried again
         self._stop = threading.Event()

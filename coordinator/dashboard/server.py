@@ -77,9 +77,7 @@ class DashboardServer:
         logins = Logins(coordinator.registry) if settings.login else None
         hosts = None if settings.login else LOOPBACK_HOSTS
         app = create_app(data, logins, tls=settings.cert is not None, hosts=hosts)
-        self.samples = SampleGrids(
-            coordinator.home, coordinator.config, coordinator.registry, coordinator.store, coordinator.key
-        )
+        self.samples = SampleGrids(coordinator)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app,
